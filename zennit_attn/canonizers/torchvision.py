@@ -1,0 +1,185 @@
+'''Canonizers for :py:class:`torch.nn.MultiheadAttention` and torchvision's ``VisionTransformer``.'''
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.models.vision_transformer import Encoder, EncoderBlock, VisionTransformer
+
+from .. import layers
+from .base import ForwardCanonizer
+from .group import CanonizerGroup
+
+
+def _linear_view(weight, bias):
+    '''A :py:class:`torch.nn.Linear` whose parameters share storage with ``weight`` and ``bias`` (slices of packed
+    projections), so rules that read or temporarily swap ``weight``/``bias`` see the real values.
+    '''
+    out_features, in_features = weight.shape
+    linear = torch.nn.Linear(in_features, out_features, bias=bias is not None, device='meta')
+    linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
+    if bias is not None:
+        linear.bias = torch.nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+    return linear
+
+
+def _merge_masks(attn_mask, key_padding_mask, is_causal, batch, heads, target, source, dtype, device):
+    '''Combine the masks of :py:meth:`torch.nn.MultiheadAttention.forward` into one additive float mask broadcastable
+    to ``(batch, heads, target, source)``, or return None if there is no mask.
+    '''
+    masks = []
+    if is_causal and attn_mask is None:
+        attn_mask = torch.ones(target, source, dtype=torch.bool, device=device).triu(1)
+    for mask in (attn_mask, key_padding_mask):
+        if mask is None:
+            continue
+        if mask is key_padding_mask:
+            mask = mask.reshape(batch, 1, 1, source)
+        elif mask.dim() == 3:
+            mask = mask.reshape(batch, heads, target, source)
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(mask, float('-inf'))
+        masks.append(mask.to(dtype))
+    if not masks:
+        return None
+    return masks[0] if len(masks) == 1 else masks[0] + masks[1]
+
+
+class MultiheadAttentionCanonizer(ForwardCanonizer):
+    '''Re-implement :py:class:`torch.nn.MultiheadAttention` with hookable modules.
+
+    ``F.multi_head_attention_forward`` uses the projection weights directly (``out_proj`` is never called as a module)
+    and may run a fused kernel, so no rule could see any of its operations. The canonical forward computes
+    ``out_proj(softmax(scale * q @ k^T + mask) @ v)`` with q/k/v projections as :py:class:`torch.nn.Linear` views of the
+    packed ``in_proj_weight`` (or the separate ``q/k/v_proj_weight``), :py:class:`~zennit_attn.layers.AttentionScores`,
+    :py:class:`~zennit_attn.layers.AttentionSoftmax`, :py:class:`~zennit_attn.layers.AttentionContext`, and the
+    module's own ``out_proj``. Masks are added as constants through a :py:class:`~zennit_attn.layers.Sum`.
+    '''
+    module_type = (torch.nn.MultiheadAttention,)
+
+    def check(self, module):
+        if module.bias_k is not None or module.add_zero_attn:
+            raise NotImplementedError(
+                'MultiheadAttentionCanonizer: add_bias_kv / add_zero_attn are not supported; construct the '
+                'nn.MultiheadAttention without them.'
+            )
+
+    def make_ops(self, module):
+        embed_dim = module.embed_dim
+        head_dim = module.head_dim
+        if module._qkv_same_embed_dim:
+            weights = module.in_proj_weight.chunk(3)
+        else:
+            weights = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+        biases = (None,) * 3 if module.in_proj_bias is None else module.in_proj_bias.split(embed_dim)
+        return {
+            'q_proj': _linear_view(weights[0], biases[0]),
+            'k_proj': _linear_view(weights[1], biases[1]),
+            'v_proj': _linear_view(weights[2], biases[2]),
+            'scores': layers.AttentionScores(scale=1 / math.sqrt(head_dim)),
+            'mask': layers.Sum(),
+            'softmax': layers.AttentionSoftmax(dim=-1),
+            'context': layers.AttentionContext(),
+        }
+
+    def make_roles(self, module):
+        roles = {self.ops[name]: 'attention_projection' for name in ('q_proj', 'k_proj', 'v_proj')}
+        roles[module.out_proj] = 'attention_projection'
+        return roles
+
+    def canonical_forward(
+        self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True,
+        is_causal=False,
+    ):
+        module, ops = self.module, self.ops
+        if not module.batch_first and query.dim() == 3:
+            query, key, value = (tensor.transpose(0, 1) for tensor in (query, key, value))
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = (tensor.unsqueeze(0) for tensor in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        batch, target, _ = query.shape
+        source = key.shape[1]
+        heads, head_dim = module.num_heads, module.head_dim
+
+        def split_heads(tensor, length):
+            return tensor.reshape(batch, length, heads, head_dim).transpose(1, 2)
+
+        q = split_heads(ops['q_proj'](query), target)
+        k = split_heads(ops['k_proj'](key), source)
+        v = split_heads(ops['v_proj'](value), source)
+        scores = ops['scores'](q, k.transpose(-1, -2))
+        mask = _merge_masks(
+            attn_mask, key_padding_mask, is_causal, batch, heads, target, source, scores.dtype, scores.device
+        )
+        if mask is not None:
+            scores = ops['mask'](scores, mask)
+        probabilities = ops['softmax'](scores)
+        dropped = F.dropout(probabilities, p=module.dropout, training=module.training) if module.dropout else probabilities
+        context = ops['context'](dropped, v)
+        output = module.out_proj(context.transpose(1, 2).reshape(batch, target, heads * head_dim))
+        if unbatched:
+            output = output.squeeze(0)
+        elif not module.batch_first:
+            output = output.transpose(0, 1)
+        if not need_weights:
+            return output, None
+        weights = probabilities.mean(1) if average_attn_weights else probabilities
+        return output, weights.squeeze(0) if unbatched else weights
+
+
+class EncoderBlockCanonizer(ForwardCanonizer):
+    '''Unfold the two residual sums of torchvision's ViT ``EncoderBlock`` into :py:class:`~zennit_attn.layers.Sum`.'''
+    module_type = (EncoderBlock,)
+
+    def make_ops(self, module):
+        return {'residual_attention': layers.Sum(), 'residual_mlp': layers.Sum()}
+
+    def canonical_forward(self, input):
+        module, ops = self.module, self.ops
+        torch._assert(input.dim() == 3, f'Expected (batch_size, seq_length, hidden_dim) got {input.shape}')
+        x = module.ln_1(input)
+        x, _ = module.self_attention(x, x, x, need_weights=False)
+        x = module.dropout(x)
+        x = ops['residual_attention'](x, input)
+        y = module.ln_2(x)
+        y = module.mlp(y)
+        return ops['residual_mlp'](x, y)
+
+
+class EncoderCanonizer(ForwardCanonizer):
+    '''Unfold the position-embedding sum of torchvision's ViT ``Encoder`` into a :py:class:`~zennit_attn.layers.Sum`
+    (the embedding is a parameter, so it absorbs its share of relevance).
+    '''
+    module_type = (Encoder,)
+
+    def make_ops(self, module):
+        return {'position_embedding': layers.Sum()}
+
+    def canonical_forward(self, input):
+        module, ops = self.module, self.ops
+        torch._assert(input.dim() == 3, f'Expected (batch_size, seq_length, hidden_dim) got {input.shape}')
+        input = ops['position_embedding'](input, module.pos_embedding)
+        return module.ln(module.layers(module.dropout(input)))
+
+
+class VisionTransformerCanonizer(CanonizerGroup):
+    '''Canonizer for torchvision's :py:class:`~torchvision.models.VisionTransformer` (all ``vit_*`` variants):
+    unfolds every ``nn.MultiheadAttention``, the residual sums of each ``EncoderBlock`` and the position-embedding sum.
+    Models with a convolutional stem (``conv_stem_configs``, batch norms) are not supported.
+    '''
+    model_type = (VisionTransformer,)
+
+    def __init__(self):
+        super().__init__([MultiheadAttentionCanonizer(), EncoderBlockCanonizer(), EncoderCanonizer()])
+
+    def copy(self):
+        return self.__class__()
+
+    def check(self, root_module):
+        for module in root_module.modules():
+            if isinstance(module, VisionTransformer) and not isinstance(module.conv_proj, torch.nn.Conv2d):
+                raise NotImplementedError(
+                    'VisionTransformerCanonizer: VisionTransformer with a convolutional stem (conv_stem_configs) is '
+                    'not supported: its batch norms have no AttnLRP rule.'
+                )

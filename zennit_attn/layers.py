@@ -1,0 +1,162 @@
+'''Hookable modules for the functional operations of transformers.
+
+Zennit attaches rules to modules. Operations that transformers write inline (``a + b``, ``a @ b``, softmax, rotary
+embeddings, ...) therefore have to be unfolded into modules before a rule can see them. Canonizers insert one instance
+of these modules per call site: a module called twice in one forward keeps only the inputs of its last call.
+
+Every forward computes exactly the plain torch expression given in its docstring, so that a canonized model reproduces
+the original model's output.
+'''
+import torch
+
+
+class MatMul(torch.nn.Module):
+    '''Scaled matrix product ``scale * a @ b`` (or ``(a @ b) * scale`` with ``scale_output=True``).
+
+    Parameters
+    ----------
+    scale: float, optional
+        Constant factor, e.g. ``1 / sqrt(head_dim)`` for attention scores.
+    scale_output: bool, optional
+        If ``True``, compute ``(a @ b) * scale`` instead of ``(scale * a) @ b``, for code written in that order (the
+        two differ in floating point rounding).
+    '''
+    def __init__(self, scale=1.0, scale_output=False):
+        super().__init__()
+        self.scale = float(scale)
+        self.scale_output = scale_output
+
+    def forward(self, a, b):
+        '''Compute the scaled matrix product of ``a`` and ``b`` with :py:func:`torch.matmul` broadcasting.'''
+        if self.scale_output:
+            out = a @ b
+            return out if self.scale == 1.0 else out * self.scale
+        return self.scale * a @ b if self.scale != 1.0 else a @ b
+
+    def extra_repr(self):
+        return f'scale={self.scale}, scale_output={self.scale_output}'
+
+
+class Sum(torch.nn.Module):
+    '''Element-wise sum ``a + b`` with broadcasting (residual connections, position embeddings, additive masks).'''
+    def forward(self, a, b):
+        '''Compute ``a + b``.'''
+        return a + b
+
+
+class Product(torch.nn.Module):
+    '''Element-wise product ``a * b`` with broadcasting (gated MLPs).'''
+    def forward(self, a, b):
+        '''Compute ``a * b``.'''
+        return a * b
+
+
+class Softmax(torch.nn.Module):
+    '''Softmax along ``dim``, ``torch.softmax(x, dim, dtype=dtype)``.
+
+    Masked entries (``-inf`` or very negative values such as ``torch.finfo(dtype).min``) are handled by the softmax
+    rule, which treats their input as 0.
+
+    Parameters
+    ----------
+    dim: int, optional
+        Dimension along which the softmax is computed.
+    dtype: :py:obj:`torch.dtype`, optional
+        Dtype in which the softmax is computed, as in :py:func:`torch.softmax`.
+    '''
+    def __init__(self, dim=-1, dtype=None):
+        super().__init__()
+        self.dim = dim
+        self.dtype = dtype
+
+    def forward(self, x):
+        '''Compute the softmax of ``x``.'''
+        return torch.softmax(x, self.dim, dtype=self.dtype)
+
+    def extra_repr(self):
+        return f'dim={self.dim}, dtype={self.dtype}'
+
+
+class Scale(torch.nn.Module):
+    '''Multiplication by a constant, ``x * factor`` (or ``x / factor`` with ``divide=True``).
+
+    Parameters
+    ----------
+    factor: float
+        The constant.
+    divide: bool, optional
+        Divide by ``factor`` instead of multiplying, for code written as a division (rounding differs).
+    '''
+    def __init__(self, factor, divide=False):
+        super().__init__()
+        self.factor = factor
+        self.divide = divide
+
+    def forward(self, x):
+        '''Compute ``x * factor`` or ``x / factor``.'''
+        if self.divide:
+            return x / self.factor
+        return x * self.factor
+
+    def extra_repr(self):
+        return f'factor={self.factor}, divide={self.divide}'
+
+
+class Mean(torch.nn.Module):
+    '''Mean over ``dim``, ``x.mean(dim, keepdim=keepdim)`` (mean pooling).
+
+    Parameters
+    ----------
+    dim: int or tuple[int]
+        Dimension(s) to average over.
+    keepdim: bool, optional
+        Whether to keep the reduced dimension(s).
+    '''
+    def __init__(self, dim, keepdim=False):
+        super().__init__()
+        self.dim = dim
+        self.keepdim = keepdim
+
+    def forward(self, x):
+        '''Compute the mean of ``x`` over ``dim``.'''
+        return x.mean(self.dim, keepdim=self.keepdim)
+
+    def extra_repr(self):
+        return f'dim={self.dim}, keepdim={self.keepdim}'
+
+
+class AttentionScores(MatMul):
+    '''Attention scores ``scale * q @ k^T`` (a :py:class:`MatMul` that CP-LRP treats as constant).'''
+
+
+class AttentionContext(MatMul):
+    '''Attention output ``probabilities @ v`` (a :py:class:`MatMul`; CP-LRP passes all relevance to ``v``).'''
+
+
+class AttentionSoftmax(Softmax):
+    '''Softmax of the attention scores (CP-LRP treats it as constant).'''
+
+
+class GatedProduct(Product):
+    '''Product ``gate * up`` of a gated MLP; the gate is the first argument (CP-LRP treats it as constant).'''
+
+
+def rotate_half(x):
+    '''Rotate the two halves of the last dimension: ``(x1, x2) -> (-x2, x1)`` (Hugging Face convention).'''
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    '''Apply rotary position embeddings, ``x * cos + rotate_half(x) * sin`` (Hugging Face ``rotate_half`` convention).
+
+    If ``cos`` covers fewer channels than ``x`` (partial rotary embeddings), only the leading ``cos.shape[-1]``
+    channels are rotated and the rest passes unchanged.
+    '''
+    def forward(self, x, cos, sin):
+        '''Rotate ``x`` by the angles encoded in ``cos`` and ``sin`` (broadcastable to ``x[..., :cos.shape[-1]]``).'''
+        rotary_dim = cos.shape[-1]
+        if rotary_dim == x.shape[-1]:
+            return (x * cos) + (rotate_half(x) * sin)
+        x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+        return torch.cat(((x_rot * cos) + (rotate_half(x_rot) * sin), x_pass), dim=-1)

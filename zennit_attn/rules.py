@@ -1,0 +1,537 @@
+'''AttnLRP rules (Achtibat et al., ICML 2024) as Zennit hooks.
+
+All rules are closed forms: they store in the forward what the backward needs and never re-run the module or modify
+its parameters. Each returns one relevance per positional tensor argument of the module call.
+
+Operands that are constants (tensors that do not require a gradient, and :py:class:`torch.nn.Parameter` objects such
+as learned position embeddings) receive no relevance: their share is absorbed like a bias, and for bilinear operations
+the other operand then receives the full, unhalved relevance.
+'''
+import torch
+from zennit.core import Hook, Stabilizer
+
+from .layers import rotate_half
+
+
+__all__ = [
+    'AttnHook', 'IdentityRule', 'SoftmaxRule', 'MatMulRule', 'ProductRule', 'SumRule', 'LayerNormRule', 'RMSNormRule',
+    'RoPERule', 'MeanRule', 'CPMatMulRule', 'CPProductRule', 'StopRule', 'Epsilon', 'Gamma',
+]
+
+
+def _compute_dtype(tensor):
+    '''Dtype in which relevance ratios are computed: float32 for half types, otherwise the tensor's own dtype.'''
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return tensor.dtype
+
+
+def _unbroadcast(tensor, shape):
+    '''Sum ``tensor`` over the dimensions along which an operand of ``shape`` was broadcast.'''
+    if tensor.shape == shape:
+        return tensor
+    return tensor.sum_to_size(shape)
+
+
+def _is_variable(tensor):
+    '''Whether ``tensor`` is input dependent, i.e. requires a gradient and is not a parameter (which is constant).'''
+    return isinstance(tensor, torch.Tensor) and tensor.requires_grad and not isinstance(tensor, torch.nn.Parameter)
+
+
+class AttnHook(Hook):
+    '''Base class of the AttnLRP rules: validates the module call, stores the inputs, output and which inputs are
+    variable, and computes relevance in float32 for half-precision tensors.
+
+    Subclasses set ``num_inputs`` (the number of positional tensor arguments, ``None`` for any) and implement
+    :py:meth:`relevance`.
+
+    Parameters
+    ----------
+    epsilon: callable or float, optional
+        Stabilizer of the denominators: a float adds ``epsilon * sign(z)`` (sign(0) = +1), as Zennit's
+        :py:func:`~zennit.core.stabilize`; a callable ``(z) -> z_stabilized`` is used as is.
+    '''
+    num_inputs = None
+    uses_epsilon = True
+
+    def __init__(self, epsilon=1e-6):
+        super().__init__()
+        self.epsilon = epsilon
+        self.stabilizer = Stabilizer.ensure(epsilon)
+
+    def _copy_kwargs(self):
+        '''Keyword arguments that rebuild this rule in :py:meth:`copy`.'''
+        return {'epsilon': self.epsilon} if self.uses_epsilon else {}
+
+    def copy(self):
+        '''Return a copy of this hook with the same parameters (Zennit composites register copies of templates).'''
+        return self.__class__(**self._copy_kwargs())
+
+    def _check_call(self, module, args, kwargs):
+        '''Raise a clear error for module calls whose relevance this rule cannot compute.'''
+        rule, name = type(self).__name__, type(module).__name__
+        tensor_kwargs = [key for key, value in kwargs.items() if isinstance(value, torch.Tensor)]
+        if tensor_kwargs:
+            raise TypeError(
+                f'{rule} on {name}: tensor keyword argument(s) {tensor_kwargs} would bypass the rule (Zennit passes '
+                'only positional arguments through hooks); pass every tensor positionally.'
+            )
+        non_tensors = [type(arg).__name__ for arg in args if not isinstance(arg, torch.Tensor)]
+        if non_tensors:
+            raise TypeError(
+                f'{rule} on {name}: non-tensor positional argument(s) of type {non_tensors}; Zennit hooks need one '
+                'relevance per positional argument, so pass constants as module attributes or keyword arguments.'
+            )
+        if self.num_inputs is not None and len(args) != self.num_inputs:
+            raise ValueError(
+                f'{rule} on {name}: expected {self.num_inputs} positional tensor argument(s), got {len(args)}; is '
+                'this rule attached to the right module type?'
+            )
+
+    def pre_forward(self, module, args, kwargs):
+        '''Validate the call, then let Zennit insert the gradient hook on the inputs.'''
+        self._check_call(module, args, kwargs)
+        self.stored_tensors['variable'] = tuple(_is_variable(arg) for arg in args)
+        return super().pre_forward(module, args, kwargs)
+
+    def forward(self, module, args, kwargs, output):
+        '''Store the (detached) inputs and output for the backward pass.'''
+        self.stored_tensors['input'] = tuple(arg.detach() for arg in args)
+        self.stored_tensors['output'] = output.detach() if isinstance(output, torch.Tensor) else output
+
+    def backward(self, module, grad_input, grad_output):
+        '''Compute the relevance of every input from the relevance ``grad_output`` of the output.'''
+        inputs = self.stored_tensors['input']
+        variable = self.stored_tensors['variable']
+        relevance_out = grad_output[0]
+        if relevance_out is None:
+            # nothing reached the output (e.g. a branch stopped by CP-LRP): nothing to distribute
+            return (None,) * len(inputs)
+        dtype = _compute_dtype(relevance_out)
+        relevances = self.relevance(
+            module,
+            tuple(tensor.to(dtype) for tensor in inputs),
+            self.stored_tensors['output'].to(dtype),
+            relevance_out.to(dtype),
+            variable,
+        )
+        return tuple(
+            None if rel is None or not var else rel.to(tensor.dtype)
+            for rel, tensor, var in zip(relevances, inputs, variable)
+        )
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        '''Closed-form relevance of each input.
+
+        Parameters
+        ----------
+        module: :py:obj:`torch.nn.Module`
+            The hooked module.
+        inputs: tuple[:py:obj:`torch.Tensor`]
+            The positional inputs of the call, in the compute dtype.
+        output: :py:obj:`torch.Tensor`
+            The output of the call, in the compute dtype.
+        relevance: :py:obj:`torch.Tensor`
+            The relevance of the output.
+        variable: tuple[bool]
+            Which inputs are input-dependent (constants receive no relevance).
+
+        Returns
+        -------
+        tuple[:py:obj:`torch.Tensor` or None]
+            One relevance per input.
+        '''
+        raise NotImplementedError
+
+
+class IdentityRule(AttnHook):
+    '''Identity rule (AttnLRP Eq. 9): the relevance passes unchanged, ``R_in = R_out``. For element-wise activations
+    and constant scalings.
+    '''
+    num_inputs = 1
+    uses_epsilon = False
+
+    def __init__(self):
+        super().__init__(epsilon=1e-6)
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        (x,) = inputs
+        if relevance.shape != x.shape:
+            raise ValueError(
+                f'{type(self).__name__} on {type(module).__name__}: output shape {tuple(relevance.shape)} differs from '
+                f'input shape {tuple(x.shape)}; the identity rule needs an element-wise module.'
+            )
+        return (relevance,)
+
+
+class RMSNormRule(IdentityRule):
+    '''RMSNorm rule (AttnLRP Prop. 3.4): identity, ``R_x = R_y``, for ``y = w * x / rms(x)`` with any weight
+    parametrisation (Gemma's ``1 + w``, q/k-norms).
+    '''
+
+
+class SoftmaxRule(AttnHook):
+    '''Bias-absorbing softmax rule (AttnLRP Prop. 3.1, Eq. 13): ``R_x = x * (R - s * sum(R))`` along the softmax
+    dimension. Not conservative by design: ``sum(R_x) = sum_j R_j (x_j - sum_i s_i x_i)``.
+
+    Masked inputs (``-inf`` or below half the most negative value of the input dtype, capped at float32's, e.g.
+    ``torch.finfo(dtype).min``) are treated as 0, which gives them zero relevance instead of NaN. The module must have
+    a ``dim`` attribute.
+    '''
+    num_inputs = 1
+    uses_epsilon = False
+
+    def __init__(self):
+        super().__init__(epsilon=1e-6)
+
+    def _check_call(self, module, args, kwargs):
+        super()._check_call(module, args, kwargs)
+        if getattr(module, 'dim', None) is None:
+            raise TypeError(
+                f'SoftmaxRule on {type(module).__name__}: the module needs an integer attribute `dim` (the softmax '
+                'dimension); use zennit_attn.layers.Softmax.'
+            )
+
+    @staticmethod
+    def unmask(x, dtype=None):
+        '''Return ``x`` with masked entries (``-inf``, or very negative fill values) set to 0. The threshold is half
+        the most negative value of ``dtype`` (the dtype of the original input, default ``x.dtype``), at most float32's.
+        '''
+        threshold = max(torch.finfo(x.dtype if dtype is None else dtype).min, torch.finfo(torch.float32).min) / 2
+        return x.masked_fill(x <= threshold, 0.)
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        (x,) = inputs
+        # inputs are upcast to float32 for half types: take the mask threshold from the original dtype (float16)
+        x = self.unmask(x, self.stored_tensors['input'][0].dtype)
+        return (x * (relevance - output * relevance.sum(module.dim, keepdim=True)),)
+
+
+class MatMulRule(AttnHook):
+    '''Uniform-ε matmul rule (AttnLRP Prop. 3.3, Eq. 15) for ``O = c * (A @ B)``: with ``r = R / stab(O)``,
+    ``R_A = 1/2 * A * (c * r @ B^T)`` and ``R_B = 1/2 * B * (c * A^T @ r)``. If one operand is constant it receives
+    no relevance and the other gets the full (unhalved) ε-rule. The scale ``c`` is read from ``module.scale``
+    (default 1).
+    '''
+    num_inputs = 2
+
+    def _check_call(self, module, args, kwargs):
+        super()._check_call(module, args, kwargs)
+        if any(arg.ndim < 2 for arg in args):
+            raise ValueError(
+                f'MatMulRule on {type(module).__name__}: operands need at least 2 dimensions, got shapes '
+                f'{[tuple(arg.shape) for arg in args]}; unsqueeze vectors before the product.'
+            )
+
+    @staticmethod
+    def _shares(variable):
+        '''Fraction of relevance each operand receives: 1/2 each if both are variable, else all to the variable one.'''
+        return tuple((0.5 if all(variable) else 1.0) if var else 0. for var in variable)
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        a, b = inputs
+        scale = getattr(module, 'scale', 1.0)
+        ratio = relevance / self.stabilizer(output)
+        share_a, share_b = self._shares(variable)
+        rel_a = rel_b = None
+        if share_a:
+            rel_a = a * _unbroadcast((share_a * scale) * (ratio @ b.transpose(-1, -2)), a.shape)
+        if share_b:
+            rel_b = b * _unbroadcast((share_b * scale) * (a.transpose(-1, -2) @ ratio), b.shape)
+        return rel_a, rel_b
+
+
+class CPMatMulRule(MatMulRule):
+    '''CP-LRP matmul rule (Ali et al., 2022) for ``O = c * (A @ V)``: the operand ``constant`` (default 0, the attention
+    probabilities) is treated as constant, so the other operand receives the full ε-rule, e.g.
+    ``R_V = V * (c * A^T @ r)``, and the attention probabilities receive nothing.
+
+    Parameters
+    ----------
+    epsilon: callable or float, optional
+        Stabilizer of ``O``.
+    constant: int, optional
+        Index of the operand treated as constant.
+    '''
+    def __init__(self, epsilon=1e-6, constant=0):
+        super().__init__(epsilon=epsilon)
+        if constant not in (0, 1):
+            raise ValueError(f'CPMatMulRule: constant must be 0 or 1, got {constant!r}')
+        self.constant = constant
+
+    def _copy_kwargs(self):
+        return {**super()._copy_kwargs(), 'constant': self.constant}
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        variable = tuple(var and index != self.constant for index, var in enumerate(variable))
+        return super().relevance(module, inputs, output, relevance, variable)
+
+
+class ProductRule(AttnHook):
+    '''Uniform rule for element-wise products (AttnLRP Prop. 3.2): ``R_a = R_b = R / 2`` (summed over broadcast
+    dimensions). If one factor is constant, the other receives all of ``R``.
+    '''
+    num_inputs = 2
+    uses_epsilon = False
+
+    def __init__(self):
+        super().__init__(epsilon=1e-6)
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        shares = MatMulRule._shares(variable)
+        return tuple(
+            _unbroadcast(share * relevance, tensor.shape) if share else None for share, tensor in zip(shares, inputs)
+        )
+
+
+class CPProductRule(ProductRule):
+    '''CP-LRP product rule: the factor ``constant`` (default 0, the gate of a gated MLP) is treated as constant and
+    the other factor receives all relevance.
+
+    Parameters
+    ----------
+    constant: int, optional
+        Index of the factor treated as constant.
+    '''
+    def __init__(self, constant=0):
+        super().__init__()
+        if constant not in (0, 1):
+            raise ValueError(f'CPProductRule: constant must be 0 or 1, got {constant!r}')
+        self.constant = constant
+
+    def copy(self):
+        return self.__class__(constant=self.constant)
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        variable = tuple(var and index != self.constant for index, var in enumerate(variable))
+        return super().relevance(module, inputs, output, relevance, variable)
+
+
+class SumRule(AttnHook):
+    '''ε-sum rule for ``y = a + b``: ``R_a = a * R / stab(y)``, ``R_b = b * R / stab(y)`` (summed over broadcast
+    dimensions). A constant operand (a parameter such as a position embedding, or a mask) keeps its share, which is
+    absorbed like a bias.
+    '''
+    num_inputs = 2
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        ratio = relevance / self.stabilizer(output)
+        return tuple(
+            tensor * _unbroadcast(ratio, tensor.shape) if var else None for tensor, var in zip(inputs, variable)
+        )
+
+
+class MeanRule(AttnHook):
+    '''ε-rule for mean pooling ``y = mean_i x_i``: ``R_i = x_i * R / stab(sum_k x_k)``. The module needs the attributes
+    ``dim`` and ``keepdim`` (see :py:class:`zennit_attn.layers.Mean`).
+    '''
+    num_inputs = 1
+
+    def _check_call(self, module, args, kwargs):
+        super()._check_call(module, args, kwargs)
+        if not hasattr(module, 'dim'):
+            raise TypeError(f'MeanRule on {type(module).__name__}: the module needs attributes `dim` and `keepdim`.')
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        (x,) = inputs
+        dim = module.dim
+        total = x.sum(dim, keepdim=True)
+        if not getattr(module, 'keepdim', False):
+            relevance = relevance.reshape(total.shape)
+        return (x * (relevance / self.stabilizer(total)),)
+
+
+class LayerNormRule(AttnHook):
+    '''LayerNorm rule (AttnLRP Prop. 3.4): the standard deviation is held constant and the remaining linear map gets
+    the ε-rule. With ``u = gamma * R / stab(y) / sigma``, ``R_x = x * (u - mean(u))``; the bias ``beta`` absorbs its
+    share. Works for modules with ``normalized_shape``, ``weight`` (may be None) and ``eps`` (or
+    ``variance_epsilon``), such as :py:class:`torch.nn.LayerNorm`.
+    '''
+    num_inputs = 1
+
+    def _check_call(self, module, args, kwargs):
+        super()._check_call(module, args, kwargs)
+        if not hasattr(module, 'normalized_shape') or not (hasattr(module, 'eps') or hasattr(module, 'variance_epsilon')):
+            raise TypeError(
+                f'LayerNormRule on {type(module).__name__}: the module needs `normalized_shape` and `eps` like '
+                'torch.nn.LayerNorm; use RMSNormRule for RMS normalisations.'
+            )
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        (x,) = inputs
+        normalized_shape = module.normalized_shape
+        if isinstance(normalized_shape, int):
+            normalized_shape = (normalized_shape,)
+        dims = tuple(range(-len(normalized_shape), 0))
+        eps = getattr(module, 'eps', getattr(module, 'variance_epsilon', None))
+        sigma = (x.var(dims, unbiased=False, keepdim=True) + eps).sqrt()
+        u = relevance / self.stabilizer(output) / sigma
+        if getattr(module, 'weight', None) is not None:
+            u = u * module.weight.to(u.dtype)
+        return (x * (u - u.mean(dims, keepdim=True)),)
+
+
+class RoPERule(AttnHook):
+    '''ε-rule for rotary position embeddings ``y = x * cos + rotate_half(x) * sin`` (a linear map of ``x``, ``cos``
+    and ``sin`` constant): ``R_x = x * J^T (R / stab(y))`` with ``J^T r = r * cos - rotate_half(r * sin)``. Channels
+    beyond ``cos.shape[-1]`` (partial rotary embeddings) pass their relevance unchanged. ``cos`` and ``sin`` receive
+    no relevance.
+    '''
+    num_inputs = 3
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        x, cos, sin = inputs
+        rotary_dim = cos.shape[-1]
+        ratio = relevance[..., :rotary_dim] / self.stabilizer(output[..., :rotary_dim])
+        transposed = ratio * cos - rotate_half(ratio * sin)
+        rel_rot = x[..., :rotary_dim] * transposed
+        if rotary_dim == x.shape[-1]:
+            return rel_rot, None, None
+        return torch.cat((rel_rot, relevance[..., rotary_dim:]), dim=-1), None, None
+
+
+class StopRule(AttnHook):
+    '''Stop rule: no relevance passes through the module. CP-LRP uses it on the softmax and the score product, whose
+    output it treats as constant.
+    '''
+    uses_epsilon = False
+
+    def __init__(self):
+        super().__init__(epsilon=1e-6)
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        return (None,) * len(inputs)
+
+
+class _LinearOp:
+    '''Forward (``z = W x + b``) and transposed (``W^T r``) maps of Linear and ConvNd modules, written with the module's
+    own parameters, so that the ε and γ rules neither re-run the module nor swap its parameters.
+    '''
+    @staticmethod
+    def check(rule, module):
+        if isinstance(module, torch.nn.Linear):
+            return
+        if isinstance(module, torch.nn.modules.conv._ConvNd) and not module.transposed:
+            if module.padding_mode != 'zeros' or isinstance(module.padding, str) and module.padding != 'valid':
+                raise TypeError(
+                    f'{rule} on {type(module).__name__}: padding_mode={module.padding_mode!r}, '
+                    f'padding={module.padding!r} is not supported; use zennit.rules instead.'
+                )
+            return
+        raise TypeError(
+            f'{rule} on {type(module).__name__}: only torch.nn.Linear and Conv1d/2d/3d are supported; use '
+            'zennit.rules for other layers.'
+        )
+
+    @staticmethod
+    def forward(module, x, weight):
+        '''``W x`` without bias, for a (possibly modified) weight.'''
+        if isinstance(module, torch.nn.Linear):
+            return torch.nn.functional.linear(x, weight)
+        conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[x.ndim - 3]
+        return conv(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
+
+    @staticmethod
+    def transpose(module, x, weight, ratio):
+        '''``W^T ratio``, the gradient of ``W x`` with respect to ``x`` (shape of ``x``).'''
+        if isinstance(module, torch.nn.Linear):
+            return ratio @ weight
+        conv_input = (torch.nn.grad.conv1d_input, torch.nn.grad.conv2d_input, torch.nn.grad.conv3d_input)[x.ndim - 3]
+        return conv_input(x.shape, weight, ratio, module.stride, module.padding, module.dilation, module.groups)
+
+
+def _zero_bias(rule, zero_params):
+    '''Validate ``zero_params``: the closed-form rules can only zero the bias.'''
+    zero_params = [zero_params] if isinstance(zero_params, str) else list(zero_params or [])
+    if set(zero_params) - {'bias'}:
+        raise ValueError(f'{rule}: zero_params may only contain \'bias\', got {zero_params}')
+    return bool(zero_params)
+
+
+class Epsilon(AttnHook):
+    '''ε-rule (AttnLRP Eq. 8) for Linear and ConvNd layers, ``R_x = x * W^T (R / stab(z))``, in closed form. Gives the
+    same relevance as :py:class:`zennit.rules.Epsilon` but never re-runs the module or swaps its parameters (Zennit's
+    ``ParamMod`` replaces the ``nn.Parameter`` objects, which unties tied weights).
+
+    Parameters
+    ----------
+    epsilon: callable or float, optional
+        Stabilizer of ``z``.
+    zero_params: str or list[str], optional
+        ``'bias'`` to compute ``z`` without the bias (as Zennit's ``zero_params``).
+    '''
+    num_inputs = 1
+
+    def __init__(self, epsilon=1e-6, zero_params=None):
+        super().__init__(epsilon=epsilon)
+        self.zero_params = zero_params
+        self.no_bias = _zero_bias(type(self).__name__, zero_params)
+
+    def _copy_kwargs(self):
+        return {**super()._copy_kwargs(), 'zero_params': self.zero_params}
+
+    def _check_call(self, module, args, kwargs):
+        super()._check_call(module, args, kwargs)
+        _LinearOp.check(type(self).__name__, module)
+
+    def _bias(self, module, output):
+        '''The bias broadcastable to ``output`` (channel dimension 1 for convolutions), or None.'''
+        if module.bias is None:
+            return None
+        bias = module.bias.to(output.dtype)
+        return bias if isinstance(module, torch.nn.Linear) else bias.reshape((-1,) + (1,) * (output.ndim - 2))
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        (x,) = inputs
+        bias = self._bias(module, output)
+        if self.no_bias and bias is not None:
+            output = output - bias
+        ratio = relevance / self.stabilizer(output)
+        return (x * _LinearOp.transpose(module, x, module.weight.to(x.dtype), ratio),)
+
+
+class Gamma(Epsilon):
+    '''Generalized γ-rule (Andéol et al., 2021) for Linear and ConvNd layers in closed form; the same relevance as
+    :py:class:`zennit.rules.Gamma` without re-running the module four times or swapping parameters.
+
+    With ``a = |W| |x|`` and ``z0 = W x`` (bias-free), the positive and negative parts of Zennit's four modified
+    forwards sum to ``z + γ ((z0 + a) / 2 + b+)`` and ``z + γ ((z0 - a) / 2 + b-)``; with ``g+ = R [z > 0] / stab(.)``
+    and ``g- = R [z < 0] / stab(.)``, ``R_x = (1 + γ/2) x * W^T (g+ + g-) + γ/2 |x| * |W|^T (g+ - g-)``.
+
+    Parameters
+    ----------
+    gamma: float, optional
+        Weight of the positive (for positive outputs) or negative (for negative outputs) contributions.
+    stabilizer: callable or float, optional
+        Stabilizer of the denominators.
+    zero_params: str or list[str], optional
+        ``'bias'`` to drop the bias, as Zennit's ``zero_params``.
+    '''
+    def __init__(self, gamma=0.25, stabilizer=1e-6, zero_params=None):
+        super().__init__(epsilon=stabilizer, zero_params=zero_params)
+        self.gamma = gamma
+
+    def _copy_kwargs(self):
+        return {'gamma': self.gamma, 'stabilizer': self.epsilon, 'zero_params': self.zero_params}
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        (x,) = inputs
+        gamma = self.gamma
+        weight = module.weight.to(x.dtype)
+        bias = self._bias(module, output)
+        if bias is None:
+            bias = pos_bias = neg_bias = 0.
+            plain = output
+        else:
+            plain = output - bias
+            pos_bias, neg_bias = bias.clamp(min=0), bias.clamp(max=0)
+        if self.no_bias:
+            # Zennit zeroes the bias in every modified forward, but keeps the unmodified z for the sign masks
+            bias = pos_bias = neg_bias = 0.
+        magnitude = _LinearOp.forward(module, x.abs(), weight.abs())
+        denominator = plain + bias
+        pos = relevance * (output > 0) / self.stabilizer(denominator + gamma * ((plain + magnitude) / 2 + pos_bias))
+        neg = relevance * (output < 0) / self.stabilizer(denominator + gamma * ((plain - magnitude) / 2 + neg_bias))
+        signed = _LinearOp.transpose(module, x, weight, pos + neg)
+        absolute = _LinearOp.transpose(module, x, weight.abs(), pos - neg)
+        return ((1 + gamma / 2) * x * signed + (gamma / 2) * x.abs() * absolute,)
