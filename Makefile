@@ -11,14 +11,15 @@ ifeq ($(OLD_PY),1)
 IGNORE_PY := --ignore-requires-python
 endif
 STAMP := $(VENV)/.installed
+# Debian packages the tests need: the real Fashion-MNIST data, and Chromium + fonts for the HTML rendering test
+SYSTEM_PACKAGES := dataset-fashion-mnist chromium fonts-dejavu-core
 
-.PHONY: install demo test clean
+.PHONY: install system-deps demo test clean
 
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PINS)
 	$(PIP) install -q $(IGNORE_PY) "zennit==1.0.0"
 	$(PIP) install -q $(IGNORE_PY) -e ".[test]"
@@ -29,7 +30,17 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 demo: install
 	$(PY) -m zennit_attn demo
 
-test: install
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else \
+			echo "missing Debian packages: $$missing (sudo apt-get install $$missing)"; exit 1; \
+		fi; \
+	fi
+
+test: install system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 clean:

@@ -1,4 +1,6 @@
 '''Canonizers that unfold transformers into hookable operations, and detection of the supported model families.'''
+from importlib import import_module
+
 from .base import ForwardCanonizer
 from .group import CanonizerGroup
 from .torchvision import (
@@ -27,4 +29,7 @@ def detect_canonizers(root_module):
     Families whose module types are found are returned in registration order; a model without any supported family
     yields an empty list (composites then check that it contains no attention they cannot handle).
     '''
+    if any(type(module).__module__.startswith('transformers.') for module in root_module.modules()):
+        # registers the Hugging Face families; imported lazily because transformers is an optional dependency
+        import_module(f'{__name__}.transformers')
     return [family() for family in FAMILIES if family.detect(root_module)]

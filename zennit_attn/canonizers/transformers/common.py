@@ -1,0 +1,47 @@
+'''Pieces shared by the Hugging Face canonizers.'''
+from zennit.canonizers import Canonizer
+
+
+class EagerAttentionCanonizer(Canonizer):
+    '''Temporarily switch every config of a model to ``attn_implementation='eager'``.
+
+    Hugging Face models build their attention masks in the format of the configured implementation (``sdpa`` may pass
+    a boolean mask or none at all and rely on ``is_causal``; ``flash_attention_2`` passes none). The canonical attention
+    forwards consume the eager format (an additive float mask covering causality, padding and sliding windows), so
+    while canonized the model's configs say ``eager``; removal restores the original values. This is model state, not
+    process-global state.
+    '''
+    def __init__(self):
+        super().__init__()
+        self.saved = []
+
+    def apply(self, root_module):
+        instance = self.copy()
+        instance.register(root_module)
+        return [instance]
+
+    @staticmethod
+    def _configs(root_module):
+        '''Every distinct config reachable from the model's modules, including sub-configs.'''
+        seen, stack = {}, [module.config for module in root_module.modules() if hasattr(module, 'config')]
+        while stack:
+            config = stack.pop()
+            if id(config) in seen or not hasattr(config, '_attn_implementation_internal'):
+                continue
+            seen[id(config)] = config
+            for key in getattr(config, 'sub_configs', {}) or {}:
+                sub = getattr(config, key, None)
+                if sub is not None:
+                    stack.append(sub)
+        return list(seen.values())
+
+    def register(self, root_module):
+        for config in self._configs(root_module):
+            self.saved.append((config, vars(config)['_attn_implementation_internal']))
+            # set the stored value directly: the property setter also rewrites sub-configs and validates kernels
+            vars(config)['_attn_implementation_internal'] = 'eager'
+
+    def remove(self):
+        for config, value in reversed(self.saved):
+            vars(config)['_attn_implementation_internal'] = value
+        self.saved = []
