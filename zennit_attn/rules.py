@@ -8,7 +8,7 @@ as learned position embeddings) receive no relevance: their share is absorbed li
 the other operand then receives the full, unhalved relevance.
 '''
 import torch
-from zennit.core import Hook, Stabilizer
+from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
 
 from .layers import rotate_half
 
@@ -38,12 +38,37 @@ def _is_variable(tensor):
     return isinstance(tensor, torch.Tensor) and tensor.requires_grad and not isinstance(tensor, torch.nn.Parameter)
 
 
+class _RelevanceFunction(torch.autograd.Function):
+    '''Autograd node that connects a hooked module's inputs to its output with the rule as backward.
+
+    The module's own graph is dropped, so its plain gradient is never computed, and each call keeps its own inputs in
+    its own node (a module called twice in one forward gets the right relevance for both calls).
+    '''
+    @staticmethod
+    def forward(ctx, hook, module, variable, output, *inputs):
+        ctx.hook, ctx.module, ctx.variable = hook, module, variable
+        ctx.save_for_backward(output, *inputs)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, relevance):
+        output, *inputs = ctx.saved_tensors
+        return (None, None, None, None) + ctx.hook.backward_relevance(
+            ctx.module, inputs, output, relevance, ctx.variable
+        )
+
+
 class AttnHook(Hook):
-    '''Base class of the AttnLRP rules: validates the module call, stores the inputs, output and which inputs are
-    variable, and computes relevance in float32 for half-precision tensors.
+    '''Base class of the closed-form rules: validates the module call, replaces the module's autograd graph by one node
+    whose backward is the rule, and computes relevance in float32 for half-precision tensors.
+
+    Unlike Zennit's :py:class:`~zennit.core.BasicHook`, the module is never re-run and its plain gradient is never
+    computed, so a rule costs about as much as the gradient it replaces. Relevance is distributed only to inputs that
+    depend on the model input: tensors that require a gradient and are not parameters.
 
     Subclasses set ``num_inputs`` (the number of positional tensor arguments, ``None`` for any) and implement
-    :py:meth:`relevance`.
+    :py:meth:`relevance`. While the hook is inactive (:py:meth:`zennit.core.Composite.inactive`), forwards build the
+    plain graph.
 
     Parameters
     ----------
@@ -88,22 +113,40 @@ class AttnHook(Hook):
                 'this rule attached to the right module type?'
             )
 
+    def register(self, module):
+        '''Attach this rule to ``module``.
+
+        Returns
+        -------
+        :py:obj:`zennit.core.RemovableHandleList`
+            Handles that detach the rule again.
+        '''
+        return RemovableHandleList([
+            RemovableHandle(self),
+            module.register_forward_pre_hook(self.pre_forward, with_kwargs=True),
+            module.register_forward_hook(self.post_forward, with_kwargs=True),
+        ])
+
     def pre_forward(self, module, args, kwargs):
-        '''Validate the call, then let Zennit insert the gradient hook on the inputs.'''
+        '''Validate the call before the module runs.'''
         self._check_call(module, args, kwargs)
-        self.stored_tensors['variable'] = tuple(_is_variable(arg) for arg in args)
-        return super().pre_forward(module, args, kwargs)
 
-    def forward(self, module, args, kwargs, output):
-        '''Store the (detached) inputs and output for the backward pass.'''
-        self.stored_tensors['input'] = tuple(arg.detach() for arg in args)
-        self.stored_tensors['output'] = output.detach() if isinstance(output, torch.Tensor) else output
+    def post_forward(self, module, args, kwargs, output):
+        '''Replace the output's graph by a single node whose backward is this rule.'''
+        if not self.active or not torch.is_grad_enabled():
+            return None
+        if not any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args):
+            return None
+        variable = tuple(_is_variable(arg) for arg in args)
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f'{type(self).__name__} on {type(module).__name__}: the module returned {type(output).__name__}, '
+                'but rules need a single tensor output.'
+            )
+        return _RelevanceFunction.apply(self, module, variable, output.detach(), *args)
 
-    def backward(self, module, grad_input, grad_output):
-        '''Compute the relevance of every input from the relevance ``grad_output`` of the output.'''
-        inputs = self.stored_tensors['input']
-        variable = self.stored_tensors['variable']
-        relevance_out = grad_output[0]
+    def backward_relevance(self, module, inputs, output, relevance_out, variable):
+        '''Compute the relevance of every input from the relevance ``relevance_out`` of the output.'''
         if relevance_out is None:
             # nothing reached the output (e.g. a branch stopped by CP-LRP): nothing to distribute
             return (None,) * len(inputs)
@@ -111,7 +154,7 @@ class AttnHook(Hook):
         relevances = self.relevance(
             module,
             tuple(tensor.to(dtype) for tensor in inputs),
-            self.stored_tensors['output'].to(dtype),
+            output.to(dtype),
             relevance_out.to(dtype),
             variable,
         )
@@ -193,17 +236,19 @@ class SoftmaxRule(AttnHook):
             )
 
     @staticmethod
-    def unmask(x, dtype=None):
+    def unmask(x):
         '''Return ``x`` with masked entries (``-inf``, or very negative fill values) set to 0. The threshold is half
-        the most negative value of ``dtype`` (the dtype of the original input, default ``x.dtype``), at most float32's.
+        the most negative value of ``x.dtype``, at most float32's.
         '''
-        threshold = max(torch.finfo(x.dtype if dtype is None else dtype).min, torch.finfo(torch.float32).min) / 2
+        threshold = max(torch.finfo(x.dtype).min, torch.finfo(torch.float32).min) / 2
         return x.masked_fill(x <= threshold, 0.)
+
+    def backward_relevance(self, module, inputs, output, relevance_out, variable):
+        # unmask before the upcast of half types, whose mask values (e.g. float16's min) are only extreme in their dtype
+        return super().backward_relevance(module, (self.unmask(inputs[0]),), output, relevance_out, variable)
 
     def relevance(self, module, inputs, output, relevance, variable):
         (x,) = inputs
-        # inputs are upcast to float32 for half types: take the mask threshold from the original dtype (float16)
-        x = self.unmask(x, self.stored_tensors['input'][0].dtype)
         return (x * (relevance - output * relevance.sum(module.dim, keepdim=True)),)
 
 
@@ -404,12 +449,25 @@ class StopRule(AttnHook):
 
 
 class _LinearOp:
-    '''Forward (``z = W x + b``) and transposed (``W^T r``) maps of Linear and ConvNd modules, written with the module's
-    own parameters, so that the ε and γ rules neither re-run the module nor swap its parameters.
+    '''Forward (``z = W x + b``) and transposed (``W^T r``) maps of Linear, ConvNd and Hugging Face ``Conv1D`` modules,
+    written with the module's own parameters, so that the ε and γ rules neither re-run the module nor swap its
+    parameters. ``Conv1D`` (``transformers.pytorch_utils``, GPT-2) is a linear layer ``z = x @ W + b`` whose weight is
+    stored transposed, ``(in_features, out_features)``; it is matched by class name so that transformers stays optional.
     '''
     @staticmethod
+    def is_conv1d(module):
+        '''Whether ``module`` is Hugging Face's ``Conv1D`` (a transposed-weight linear layer).'''
+        kind = type(module)
+        return kind.__name__ == 'Conv1D' and kind.__module__.startswith('transformers.')
+
+    @staticmethod
+    def is_linear(module):
+        '''Whether ``module`` is a linear layer (``torch.nn.Linear`` or Hugging Face's ``Conv1D``).'''
+        return isinstance(module, torch.nn.Linear) or _LinearOp.is_conv1d(module)
+
+    @staticmethod
     def check(rule, module):
-        if isinstance(module, torch.nn.Linear):
+        if _LinearOp.is_linear(module):
             return
         if isinstance(module, torch.nn.modules.conv._ConvNd) and not module.transposed:
             if module.padding_mode != 'zeros' or isinstance(module.padding, str) and module.padding != 'valid':
@@ -419,8 +477,8 @@ class _LinearOp:
                 )
             return
         raise TypeError(
-            f'{rule} on {type(module).__name__}: only torch.nn.Linear and Conv1d/2d/3d are supported; use '
-            'zennit.rules for other layers.'
+            f'{rule} on {type(module).__name__}: only torch.nn.Linear, Conv1d/2d/3d and transformers\' Conv1D are '
+            'supported; use zennit.rules for other layers.'
         )
 
     @staticmethod
@@ -428,6 +486,8 @@ class _LinearOp:
         '''``W x`` without bias, for a (possibly modified) weight.'''
         if isinstance(module, torch.nn.Linear):
             return torch.nn.functional.linear(x, weight)
+        if _LinearOp.is_conv1d(module):
+            return x @ weight
         conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[x.ndim - 3]
         return conv(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
 
@@ -436,6 +496,8 @@ class _LinearOp:
         '''``W^T ratio``, the gradient of ``W x`` with respect to ``x`` (shape of ``x``).'''
         if isinstance(module, torch.nn.Linear):
             return ratio @ weight
+        if _LinearOp.is_conv1d(module):
+            return ratio @ weight.transpose(0, 1)
         conv_input = (torch.nn.grad.conv1d_input, torch.nn.grad.conv2d_input, torch.nn.grad.conv3d_input)[x.ndim - 3]
         return conv_input(x.shape, weight, ratio, module.stride, module.padding, module.dilation, module.groups)
 
@@ -479,7 +541,7 @@ class Epsilon(AttnHook):
         if module.bias is None:
             return None
         bias = module.bias.to(output.dtype)
-        return bias if isinstance(module, torch.nn.Linear) else bias.reshape((-1,) + (1,) * (output.ndim - 2))
+        return bias if _LinearOp.is_linear(module) else bias.reshape((-1,) + (1,) * (output.ndim - 2))
 
     def relevance(self, module, inputs, output, relevance, variable):
         (x,) = inputs
