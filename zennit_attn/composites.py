@@ -1,7 +1,7 @@
 '''Named AttnLRP composites, registered into :py:data:`zennit.composites.COMPOSITES` on import of ``zennit_attn``.'''
 from zennit.composites import register_composite
 from zennit.core import Composite
-from zennit.types import Convolution, Linear
+from zennit.types import Convolution
 
 from . import layers, types
 from .canonizers import detect_canonizers
@@ -31,7 +31,7 @@ def attnlrp_layer_map(epsilon=1e-6):
         (types.LayerNorm, LayerNormRule(epsilon=epsilon)),
         (types.RMSNorm, RMSNormRule()),
         (types.Activation, IdentityRule()),
-        (Linear, Epsilon(epsilon=epsilon)),
+        (types.LinearLike, Epsilon(epsilon=epsilon)),
     ]
 
 
@@ -51,7 +51,7 @@ def vision_layer_map(conv_gamma=0.25, linear_gamma=0.05, stabilizer=1e-6):
     '''
     return [
         (Convolution, Gamma(gamma=conv_gamma, stabilizer=stabilizer)),
-        (Linear, Gamma(gamma=linear_gamma, stabilizer=stabilizer)),
+        (types.LinearLike, Gamma(gamma=linear_gamma, stabilizer=stabilizer)),
     ]
 
 
@@ -203,7 +203,7 @@ class AttnLRPViT(AttentionComposite):
         self.conv_gamma = conv_gamma
         self.linear_gamma = linear_gamma
         default = [
-            entry for entry in self.attention_layer_map(epsilon) if entry[0] is not Linear
+            entry for entry in self.attention_layer_map(epsilon) if entry[0] is not types.LinearLike
         ] + vision_layer_map(conv_gamma, linear_gamma, stabilizer)
         super().__init__(
             default,

@@ -18,6 +18,14 @@ class NameMatch(SubclassMeta):
         return super().__subclasscheck__(sub)
 
 
+class LinearLike(metaclass=NameMatch):
+    '''Zennit's :py:class:`zennit.types.Linear` (dense layers and convolutions) plus Hugging Face's ``Conv1D`` (GPT-2's
+    transposed-weight linear layer, matched by name so that transformers stays optional).
+    '''
+    __subclass__ = (Linear,)
+    __name_suffix__ = ('Conv1D',)
+
+
 class LayerNorm(metaclass=NameMatch):
     '''Layer normalisations ``gamma * (x - mean) / std + beta`` (LayerNormRule).'''
     __subclass__ = (torch.nn.LayerNorm,)

@@ -1,0 +1,239 @@
+'''Token attributions for text models (Hugging Face or any module that accepts ``inputs_embeds``).
+
+:py:func:`token_relevance` runs Zennit's :py:class:`zennit.attribution.Gradient` with an AttnLRP composite on a small
+wrapper module whose only input is the embedded sequence ``inputs_embeds`` (Zennit's attributors take one input
+tensor), and reads the relevance at the input embeddings.
+'''
+import inspect
+from typing import NamedTuple
+
+import torch
+from zennit.attribution import Gradient
+
+
+__all__ = ['TokenRelevance', 'token_relevance', 'EmbeddingsForward', 'LogitsOnly']
+
+
+class TokenRelevance(NamedTuple):
+    '''Result of :py:func:`token_relevance`.
+
+    Attributes
+    ----------
+    relevance: :py:obj:`torch.Tensor`
+        Relevance per token, shape ``(batch, tokens)``: the relevance at the input embeddings summed over the hidden
+        dimension (float32, or float64 for float64 models).
+    embedding_relevance: :py:obj:`torch.Tensor`
+        The relevance at the input embeddings, shape ``(batch, tokens, hidden)``, in the model's dtype.
+    logits: :py:obj:`torch.Tensor`
+        The model's logits: ``(batch, classes)`` for classifiers, ``(batch, tokens, vocabulary)`` for language models.
+    target: :py:obj:`torch.Tensor`
+        The explained class or token id per sample, shape ``(batch,)``.
+    position: :py:obj:`torch.Tensor` or None
+        For per-token logits: the explained position per sample, shape ``(batch,)``; None for classifiers.
+    contrast: :py:obj:`torch.Tensor` or None
+        The contrast class or token id per sample, or None.
+    '''
+    relevance: torch.Tensor
+    embedding_relevance: torch.Tensor
+    logits: torch.Tensor
+    target: torch.Tensor
+    position: torch.Tensor = None
+    contrast: torch.Tensor = None
+
+
+def _logits(output):
+    '''The logits of a model output: a tensor, a ModelOutput / dict with ``logits``, or the first element of a
+    tuple.'''
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get('logits') if isinstance(output, dict) else getattr(output, 'logits', None)
+    if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f'token_relevance: cannot find logits in the model output of type {type(output).__name__}; the model must '
+            'return a tensor or an output with a `logits` field (wrap a headless model with a readout module).'
+        )
+    return logits
+
+
+class LogitsOnly(torch.nn.Module):
+    '''Wrapper returning only the logits tensor of a model whose forward returns a ``ModelOutput`` (e.g. Hugging Face
+    ``ViTForImageClassification``), since Zennit's attributors need a tensor output:
+    ``Gradient(LogitsOnly(model), composite)(pixel_values, ...)``.
+    '''
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        '''Return the logits of ``model(*args, **kwargs)``.'''
+        return _logits(self.model(*args, **kwargs))
+
+
+class EmbeddingsForward(torch.nn.Module):
+    '''Wrapper whose forward takes only ``inputs_embeds`` and returns the model's logits, so that Zennit's attributors
+    (one input tensor) can explain text models. Fixed keyword arguments (``attention_mask``, ``token_type_ids``,
+    ``position_ids``) are passed on every call.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        A model accepting ``inputs_embeds=`` (and the given keyword arguments).
+    **kwargs:
+        Keyword arguments of every model call; ``None`` values are left out.
+    '''
+    def __init__(self, model, **kwargs):
+        super().__init__()
+        self.model = model
+        self.kwargs = {key: value for key, value in kwargs.items() if value is not None}
+
+    def forward(self, inputs_embeds):
+        '''Return the logits of ``model(inputs_embeds=inputs_embeds, **kwargs)``.'''
+        return _logits(self.model(inputs_embeds=inputs_embeds, **self.kwargs))
+
+
+def _accepts(model, name):
+    '''Whether ``model.forward`` accepts the keyword argument ``name`` (explicitly or through ``**kwargs``).'''
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+    return name in parameters or any(param.kind is param.VAR_KEYWORD for param in parameters.values())
+
+
+def _position_ids(model, input_ids):
+    '''Position ids that the model would derive from ``input_ids`` but not from ``inputs_embeds`` (RoBERTa-style
+    embeddings count positions from the padding index and skip padding tokens); None for other models and for models
+    whose forward does not accept ``position_ids``.'''
+    if not _accepts(model, 'position_ids'):
+        return None
+    for module in model.modules():
+        create = getattr(type(module), 'create_position_ids_from_input_ids', None)
+        padding_idx = getattr(module, 'padding_idx', None)
+        if create is not None and padding_idx is not None and hasattr(module, 'word_embeddings'):
+            return create(input_ids, padding_idx)
+    return None
+
+
+def _per_sample(value, batch, name, device):
+    '''``value`` (int, sequence or tensor) as a long tensor of shape ``(batch,)``.'''
+    value = torch.as_tensor(value, dtype=torch.long, device=device)
+    if value.ndim == 0:
+        value = value.expand(batch)
+    if value.shape != (batch,):
+        raise ValueError(f'token_relevance: {name} must be an int or have shape ({batch},), got {tuple(value.shape)}')
+    return value
+
+
+def last_positions(attention_mask, batch, length, device):
+    '''The index of the last non-padding token of each sample (left or right padding); ``length - 1`` without
+    mask.'''
+    if attention_mask is None:
+        return torch.full((batch,), length - 1, dtype=torch.long, device=device)
+    mask = attention_mask.to(device).bool()
+    if mask.ndim != 2:
+        raise ValueError('token_relevance: position=None needs a 2-D attention_mask (batch, tokens)')
+    if not mask.any(1).all():
+        raise ValueError('token_relevance: a sample has no non-padding token')
+    return length - 1 - mask.flip(1).int().argmax(1)
+
+
+def token_relevance(
+    model, composite, input_ids, attention_mask=None, target=None, position=None, contrast=None, token_type_ids=None,
+):
+    '''Relevance of every input token for a logit of a text model, with an AttnLRP composite.
+
+    The input embeddings ``model.get_input_embeddings()(input_ids)`` (which includes model-specific scaling, e.g.
+    Gemma's) are fed as ``inputs_embeds`` through a wrapper to :py:class:`zennit.attribution.Gradient` with
+    ``composite``; the output relevance is seeded with ``y * onehot(target) - y * onehot(contrast)``.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        A sequence classifier (logits ``(batch, classes)``) or a causal / masked language model (logits
+        ``(batch, tokens, vocabulary)``), accepting ``inputs_embeds=``, ``attention_mask=`` (and ``token_type_ids=``
+        if given), returning a tensor or an output with ``logits``, and providing ``get_input_embeddings()``.
+    composite: :py:obj:`zennit.core.Composite`
+        E.g. :py:class:`~zennit_attn.AttnLRP`, :py:class:`~zennit_attn.CPLRP`, :py:class:`~zennit_attn.AttnLRPViT`,
+        :py:class:`~zennit_attn.CPLRPViT`.
+    input_ids: :py:obj:`torch.Tensor`
+        Token ids, shape ``(batch, tokens)`` (a 1-D tensor is treated as a batch of one).
+    attention_mask: :py:obj:`torch.Tensor`, optional
+        Padding mask ``(batch, tokens)``, 1 for real tokens (left or right padding).
+    target: int, sequence or :py:obj:`torch.Tensor`, optional
+        The class (classifiers) or token id (language models) to explain, per sample or for all; default: the argmax.
+    position: int, sequence or :py:obj:`torch.Tensor`, optional
+        Language models only: the position whose logits are explained; default: the last non-padding position of
+        each sample. Negative values count from the end.
+    contrast: int, sequence or :py:obj:`torch.Tensor`, optional
+        A class / token id whose logit is subtracted (contrastive explanation).
+    token_type_ids: :py:obj:`torch.Tensor`, optional
+        Segment ids for BERT-style models.
+
+    Returns
+    -------
+    :py:class:`TokenRelevance`
+    '''
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+        attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+        token_type_ids = None if token_type_ids is None else token_type_ids.reshape(1, -1)
+    get_embeddings = getattr(model, 'get_input_embeddings', None)
+    embedding = get_embeddings() if callable(get_embeddings) else None
+    if embedding is None:
+        raise TypeError(
+            f'token_relevance: {type(model).__name__} has no get_input_embeddings(); it is needed to embed input_ids.'
+        )
+    batch, length = input_ids.shape
+    device = input_ids.device
+    with torch.no_grad():
+        inputs_embeds = embedding(input_ids)
+
+    wrapper = EmbeddingsForward(
+        model, attention_mask=attention_mask, token_type_ids=token_type_ids,
+        position_ids=_position_ids(model, input_ids),
+    )
+    resolved = {}
+
+    def seed(output):
+        logits = output.detach()
+        if logits.ndim == 3:
+            positions = last_positions(attention_mask, batch, length, device) if position is None else (
+                _per_sample(position, batch, 'position', device) % length
+            )
+            selected = logits[torch.arange(batch, device=device), positions]
+        elif logits.ndim == 2:
+            if position is not None:
+                raise ValueError('token_relevance: position is only meaningful for per-token logits (B, T, V)')
+            positions, selected = None, logits
+        else:
+            raise ValueError(
+                f'token_relevance: expected logits of shape (B, C) or (B, T, V), got {tuple(logits.shape)}'
+            )
+        goal = selected.argmax(-1) if target is None else _per_sample(target, batch, 'target', device)
+        onehot = torch.zeros_like(selected)
+        onehot[torch.arange(batch, device=device), goal] = 1.
+        against = None
+        if contrast is not None:
+            against = _per_sample(contrast, batch, 'contrast', device)
+            onehot[torch.arange(batch, device=device), against] -= 1.
+        weight = torch.zeros_like(logits)
+        if positions is None:
+            weight = onehot
+        else:
+            weight[torch.arange(batch, device=device), positions] = onehot
+        resolved.update(logits=logits, target=goal, position=positions, contrast=against)
+        return logits * weight
+
+    with Gradient(wrapper, composite) as attributor:
+        _, embedding_relevance = attributor(inputs_embeds, seed)
+    summed_dtype = torch.float64 if embedding_relevance.dtype == torch.float64 else torch.float32
+    return TokenRelevance(
+        relevance=embedding_relevance.to(summed_dtype).sum(-1),
+        embedding_relevance=embedding_relevance,
+        logits=resolved['logits'],
+        target=resolved['target'],
+        position=resolved['position'],
+        contrast=resolved['contrast'],
+    )
