@@ -1,14 +1,12 @@
-'''Wall time and peak memory of AttnLRP attributions next to a plain gradient, IG and SmoothGrad (issue: speed).
+'''Time and memory of AttnLRP attributions next to a plain gradient, IG and SmoothGrad (issue: speed).
 
 Prints ratios to the plain gradient measured in the same process and writes them (with absolute numbers) as JSON.
-Not a test: run ``python benchmarks/speed.py [--device cuda] [--quick]``.
+Not a test: run ``python benchmarks/speed.py [--device cuda] [--threads 1] [--settings vit_b_16:1 llama:128]``.
 '''
 import argparse
 import gc
 import json
-import os
 import statistics
-import threading
 import time
 
 import torch
@@ -18,67 +16,68 @@ from zennit.attribution import Gradient, IntegratedGradients, SmoothGrad
 import zennit_attn  # noqa: F401 (registers the composites)
 
 
-class PeakMemory:
-    '''Peak memory above the level at entry: CUDA's allocator statistics on a GPU, else the process RSS sampled
-    every millisecond (CPU tensors are allocated outside Python's tracemalloc).
+class SavedTensorBytes:
+    '''Bytes of the distinct tensors autograd keeps for the backward pass while the context is active: the memory an
+    attribution holds at its peak beyond the model (activations and rule inputs), counted exactly and independent of
+    the allocator and of other processes.
     '''
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.peak = 0
+    def __init__(self, model):
+        # parameters exist with or without an attribution: only count what the attribution adds
+        self.parameters = {param.untyped_storage().data_ptr() for param in model.parameters()}
+        self.storages = {}
 
-    @staticmethod
-    def rss():
-        with open('/proc/self/statm') as statm:
-            return int(statm.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-
-    def _sample(self):
-        while not self.done.is_set():
-            self.peak = max(self.peak, self.rss() - self.base)
-            time.sleep(0.001)
+    def pack(self, tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.parameters:
+            self.storages[(storage.data_ptr(), tensor.device)] = storage.nbytes()
+        return tensor
 
     def __enter__(self):
-        gc.collect()
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            self.base = self.rss()
-            self.done = threading.Event()
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
+        self.context = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+        self.context.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            self.done.set()
-            self.thread.join()
-            self.peak = max(self.peak, self.rss() - self.base)
+        self.context.__exit__(*exc)
         return False
 
+    @property
+    def total(self):
+        return sum(self.storages.values())
 
-def measure(run, device, repeats):
-    '''Median wall time over ``repeats`` runs (after one warm-up) and the peak memory of one run.'''
+
+def measure(run, model, device, repeats):
+    '''Median wall time and process CPU time over ``repeats`` runs after one warm-up, and the bytes saved for the
+    backward pass (on a GPU: the allocator's peak above the starting level).
+    '''
+    device = torch.device(device)
     run()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        if torch.device(device).type == 'cuda':
+        if device.type == 'cuda':
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         run()
-        if torch.device(device).type == 'cuda':
+        if device.type == 'cuda':
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    with PeakMemory(device) as memory:
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         run()
-    return statistics.median(times), memory.peak
+        torch.cuda.synchronize(device)
+        memory = torch.cuda.max_memory_allocated(device) - base
+    else:
+        with SavedTensorBytes(model) as saved:
+            run()
+        memory = saved.total
+    return statistics.median(wall), statistics.median(cpu), memory
 
 
-def attribution_runs(model, x, seed_fn, composites, n_iter):
-    '''One closure per method computing a full attribution of ``x``.'''
+def attribution_runs(model, x, seed_fn, composites, n_iter, only=None):
+    '''One closure per method computing a full attribution of ``x`` (only ``only`` if given).'''
     def attributor_run(attributor_type, composite_name=None, **kwargs):
         def run():
             composite = None if composite_name is None else zennit.composites.COMPOSITES[composite_name]()
@@ -86,46 +85,15 @@ def attribution_runs(model, x, seed_fn, composites, n_iter):
                 attributor(x, seed_fn)
         return run
 
-    runs = {'gradient': attributor_run(Gradient)}
-    for name in composites:
-        runs[name] = attributor_run(Gradient, name)
+    methods = {'gradient': (Gradient, None, {})}
+    methods.update({name: (Gradient, name, {}) for name in composites})
     if n_iter:
-        runs[f'integrated_gradients (n={n_iter})'] = attributor_run(IntegratedGradients, n_iter=n_iter)
-        runs[f'smoothgrad (n={n_iter})'] = attributor_run(SmoothGrad, n_iter=n_iter)
-    return runs
-
-
-def benchmark(title, runs, device, repeats):
-    rows = []
-    base_time = base_memory = None
-    for name, run in runs.items():
-        seconds, memory = measure(run, device, repeats)
-        if name == 'gradient':
-            base_time, base_memory = seconds, max(memory, 1)
-        rows.append({
-            'method': name, 'seconds': seconds, 'peak_bytes': memory,
-            'time_ratio': seconds / base_time, 'memory_ratio': memory / base_memory,
-        })
-        print(f'  {title:<34} {name:<30} {seconds / base_time:6.2f}x time  {memory / base_memory:6.2f}x memory '
-              f'({seconds * 1e3:8.1f} ms, {memory / 2 ** 20:8.1f} MiB)', flush=True)
-    return {'setting': title, 'rows': rows}
-
-
-def vit_benchmarks(args):
-    from torchvision.models import vit_b_16
-    torch.manual_seed(0)
-    model = vit_b_16(weights=None).eval().to(args.device)
-    torch.nn.init.normal_(model.heads.head.weight, std=0.01)
-    results = []
-    for batch in args.vit_batches:
-        x = torch.randn(batch, 3, 224, 224, device=args.device)
-        onehot = torch.nn.functional.one_hot(torch.arange(batch) % 1000, 1000).float().to(args.device)
-        runs = attribution_runs(
-            model, x, lambda y: y * onehot, ['attnlrp', 'cp_lrp', 'attnlrp_vit', 'cp_lrp_vit'],
-            n_iter=args.n_iter if batch == args.vit_batches[0] else 0,
-        )
-        results.append(benchmark(f'vit_b_16 batch {batch}', runs, args.device, args.repeats))
-    return results
+        methods[f'integrated_gradients (n={n_iter})'] = (IntegratedGradients, None, {'n_iter': n_iter})
+        methods[f'smoothgrad (n={n_iter})'] = (SmoothGrad, None, {'n_iter': n_iter})
+    return {
+        name: attributor_run(kind, composite, **kwargs)
+        for name, (kind, composite, kwargs) in methods.items() if only is None or name == only
+    }
 
 
 class EmbeddingsToLogit(torch.nn.Module):
@@ -138,27 +106,65 @@ class EmbeddingsToLogit(torch.nn.Module):
         return self.model(inputs_embeds=inputs_embeds, use_cache=False).logits[:, -1]
 
 
-def decoder_benchmarks(args):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def setting_runs(setting, args, only=None):
+    '''Build the model and input of ``setting`` (``vit_b_16:BATCH`` or ``llama:LENGTH``) and return its runs.'''
+    kind, size = setting.split(':')
+    size = int(size)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-        num_key_value_heads=4, max_position_embeddings=4096, use_cache=False,
-    )
-    model = LlamaForCausalLM(config).eval().to(args.device)
-    print(f'  LLaMA-style decoder: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters', flush=True)
-    wrapper = EmbeddingsToLogit(model)
-    results = []
-    for length in args.lengths:
-        ids = torch.randint(0, config.vocab_size, (1, length), device=args.device)
-        embeds = model.get_input_embeddings()(ids).detach()
+    if kind == 'vit_b_16':
+        from torchvision.models import vit_b_16
+        model = vit_b_16(weights=None).eval().to(args.device)
+        torch.nn.init.normal_(model.heads.head.weight, std=0.01)
+        x = torch.randn(size, 3, 224, 224, device=args.device)
+        onehot = torch.nn.functional.one_hot(torch.arange(size) % 1000, 1000).float().to(args.device)
+        composites = ['attnlrp', 'cp_lrp', 'attnlrp_vit', 'cp_lrp_vit']
+        n_iter = args.n_iter if size == 1 else 0
+    elif kind == 'llama':
+        from transformers import LlamaConfig, LlamaForCausalLM
+        config = LlamaConfig(
+            vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+            num_key_value_heads=4, max_position_embeddings=4096, use_cache=False,
+        )
+        decoder = LlamaForCausalLM(config).eval().to(args.device)
+        model = EmbeddingsToLogit(decoder)
+        ids = torch.randint(0, config.vocab_size, (1, size), device=args.device)
+        x = decoder.get_input_embeddings()(ids).detach()
         onehot = torch.nn.functional.one_hot(torch.tensor([7]), config.vocab_size).float().to(args.device)
-        runs = attribution_runs(wrapper, embeds, lambda y: y * onehot, ['attnlrp', 'cp_lrp'], n_iter=0)
-        result = benchmark(f'llama-100M seq {length}', runs, args.device, args.repeats)
-        for row in result['rows']:
+        composites, n_iter = ['attnlrp', 'cp_lrp'], 0
+    else:
+        raise ValueError(f'unknown setting {setting!r}')
+    return model, attribution_runs(model, x, lambda y: y * onehot, composites, n_iter, only=only)
+
+
+def benchmark(setting, args):
+    '''Time every method of ``setting`` in this process and its peak memory in a child process, as ratios.'''
+    rows = []
+    model, runs = setting_runs(setting, args)
+    for name, run in runs.items():
+        seconds, cpu_seconds, memory = measure(run, model, args.device, args.repeats)
+        rows.append({'method': name, 'seconds': seconds, 'cpu_seconds': cpu_seconds, 'peak_bytes': memory})
+    base = rows[0]
+    length = int(setting.split(':')[1])
+    # on a CPU shared with other processes, process CPU time is the steadier measure of work
+    key = 'seconds' if args.device != 'cpu' or args.wall_time else 'cpu_seconds'
+    for row in rows:
+        row['time_ratio'] = row[key] / base[key]
+        row['memory_ratio'] = row['peak_bytes'] / max(base['peak_bytes'], 1)
+        if setting.startswith('llama'):
             row['ms_per_token'] = row['seconds'] * 1e3 / length
-        results.append(result)
-    return results
+        print(f'  {setting:<14} {row["method"]:<30} {row["time_ratio"]:6.2f}x time  {row["memory_ratio"]:6.2f}x memory'
+              f'  ({row["seconds"] * 1e3:9.1f} ms, {row["peak_bytes"] / 2 ** 20:8.1f} MiB)', flush=True)
+    return {'setting': setting, 'rows': rows}
+
+
+def markdown(results):
+    '''The results as a Markdown table of ratios to the plain gradient.'''
+    lines = ['| setting | method | time / gradient | memory / gradient |', '|---|---|---|---|']
+    for result in results['settings']:
+        for row in result['rows']:
+            lines.append(f'| {result["setting"]} | {row["method"]} | {row["time_ratio"]:.2f}x | '
+                         f'{row["memory_ratio"]:.2f}x |')
+    return '\n'.join(lines)
 
 
 def main():
@@ -166,20 +172,22 @@ def main():
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--n-iter', type=int, default=20, help='iterations of IG and SmoothGrad (0 to skip)')
-    parser.add_argument('--vit-batches', type=int, nargs='+', default=[1, 8])
-    parser.add_argument('--lengths', type=int, nargs='+', default=[128, 512, 1024])
-    parser.add_argument('--skip-vit', action='store_true')
-    parser.add_argument('--skip-decoder', action='store_true')
+    parser.add_argument('--settings', nargs='+', default=[
+        'vit_b_16:1', 'vit_b_16:8', 'llama:128', 'llama:512', 'llama:1024',
+    ], help='vit_b_16:BATCH and llama:LENGTH settings')
     parser.add_argument('--output', default='benchmarks/speed.json')
+    parser.add_argument('--wall-time', action='store_true', help='ratios of wall time instead of CPU time on CPU')
+    parser.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s choice)')
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     results = {'device': args.device, 'torch': torch.__version__, 'threads': torch.get_num_threads(), 'settings': []}
-    if not args.skip_vit:
-        results['settings'] += vit_benchmarks(args)
-    if not args.skip_decoder:
-        results['settings'] += decoder_benchmarks(args)
+    for setting in args.settings:
+        results['settings'].append(benchmark(setting, args))
     with open(args.output, 'w') as file:
         json.dump(results, file, indent=2)
+    print(markdown(results))
     print(f'wrote {args.output}')
 
 

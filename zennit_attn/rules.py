@@ -47,14 +47,21 @@ class _RelevanceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hook, module, variable, output, *inputs):
         ctx.hook, ctx.module, ctx.variable = hook, module, variable
-        ctx.save_for_backward(output, *inputs)
+        # keep only what the rule reads; the rest is described by shape and dtype (meta tensors) to save memory
+        ctx.meta = tuple((tensor.shape, tensor.dtype) for tensor in (output,) + inputs)
+        ctx.save_for_backward(
+            output if hook.saves_output else None, *(inputs if hook.saves_inputs else (None,) * len(inputs))
+        )
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, relevance):
-        output, *inputs = ctx.saved_tensors
+        output, *inputs = (
+            torch.empty(shape, dtype=dtype, device='meta') if tensor is None else tensor
+            for tensor, (shape, dtype) in zip(ctx.saved_tensors, ctx.meta)
+        )
         return (None, None, None, None) + ctx.hook.backward_relevance(
-            ctx.module, inputs, output, relevance, ctx.variable
+            ctx.module, tuple(inputs), output, relevance, ctx.variable
         )
 
 
@@ -78,6 +85,9 @@ class AttnHook(Hook):
     '''
     num_inputs = None
     uses_epsilon = True
+    #: whether :py:meth:`relevance` reads the values of the inputs / the output (else it gets meta tensors)
+    saves_inputs = True
+    saves_output = True
 
     def __init__(self, epsilon=1e-6):
         super().__init__()
@@ -193,6 +203,7 @@ class IdentityRule(AttnHook):
     '''
     num_inputs = 1
     uses_epsilon = False
+    saves_inputs = saves_output = False
 
     def __init__(self):
         super().__init__(epsilon=1e-6)
@@ -223,6 +234,8 @@ class SoftmaxRule(AttnHook):
     '''
     num_inputs = 1
     uses_epsilon = False
+    # the probabilities are recomputed from the scores in the backward pass, so only the scores are kept
+    saves_output = False
 
     def __init__(self):
         super().__init__(epsilon=1e-6)
@@ -244,8 +257,10 @@ class SoftmaxRule(AttnHook):
         return x.masked_fill(x <= threshold, 0.)
 
     def backward_relevance(self, module, inputs, output, relevance_out, variable):
+        (x,) = inputs
+        output = torch.softmax(x, module.dim, dtype=_compute_dtype(x))
         # unmask before the upcast of half types, whose mask values (e.g. float16's min) are only extreme in their dtype
-        return super().backward_relevance(module, (self.unmask(inputs[0]),), output, relevance_out, variable)
+        return super().backward_relevance(module, (self.unmask(x),), output, relevance_out, variable)
 
     def relevance(self, module, inputs, output, relevance, variable):
         (x,) = inputs
@@ -318,6 +333,7 @@ class ProductRule(AttnHook):
     '''
     num_inputs = 2
     uses_epsilon = False
+    saves_inputs = saves_output = False
 
     def __init__(self):
         super().__init__(epsilon=1e-6)
@@ -358,9 +374,11 @@ class SumRule(AttnHook):
     absorbed like a bias.
     '''
     num_inputs = 2
+    saves_output = False
 
     def relevance(self, module, inputs, output, relevance, variable):
-        ratio = relevance / self.stabilizer(output)
+        # the sum is recomputed rather than kept: cheaper than holding a residual-stream-sized tensor per sum
+        ratio = relevance / self.stabilizer(inputs[0] + inputs[1])
         return tuple(
             tensor * _unbroadcast(ratio, tensor.shape) if var else None for tensor, var in zip(inputs, variable)
         )
@@ -371,6 +389,7 @@ class MeanRule(AttnHook):
     ``dim`` and ``keepdim`` (see :py:class:`zennit_attn.layers.Mean`).
     '''
     num_inputs = 1
+    saves_output = False
 
     def _check_call(self, module, args, kwargs):
         super()._check_call(module, args, kwargs)
@@ -393,6 +412,8 @@ class LayerNormRule(AttnHook):
     ``variance_epsilon``), such as :py:class:`torch.nn.LayerNorm`.
     '''
     num_inputs = 1
+    # the output is recomputed from the input in the backward pass
+    saves_output = False
 
     def _check_call(self, module, args, kwargs):
         super()._check_call(module, args, kwargs)
@@ -409,10 +430,14 @@ class LayerNormRule(AttnHook):
             normalized_shape = (normalized_shape,)
         dims = tuple(range(-len(normalized_shape), 0))
         eps = getattr(module, 'eps', getattr(module, 'variance_epsilon', None))
+        weight, bias = getattr(module, 'weight', None), getattr(module, 'bias', None)
+        weight = None if weight is None else weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+        output = torch.nn.functional.layer_norm(x, tuple(normalized_shape), weight, bias, eps)
         sigma = (x.var(dims, unbiased=False, keepdim=True) + eps).sqrt()
         u = relevance / self.stabilizer(output) / sigma
-        if getattr(module, 'weight', None) is not None:
-            u = u * module.weight.to(u.dtype)
+        if weight is not None:
+            u = u * weight
         return (x * (u - u.mean(dims, keepdim=True)),)
 
 
@@ -423,13 +448,16 @@ class RoPERule(AttnHook):
     no relevance.
     '''
     num_inputs = 3
+    saves_output = False
 
     def relevance(self, module, inputs, output, relevance, variable):
         x, cos, sin = inputs
         rotary_dim = cos.shape[-1]
-        ratio = relevance[..., :rotary_dim] / self.stabilizer(output[..., :rotary_dim])
+        x_rot = x[..., :rotary_dim]
+        # the rotated output is recomputed from x, cos and sin rather than kept
+        ratio = relevance[..., :rotary_dim] / self.stabilizer(x_rot * cos + rotate_half(x_rot) * sin)
         transposed = ratio * cos - rotate_half(ratio * sin)
-        rel_rot = x[..., :rotary_dim] * transposed
+        rel_rot = x_rot * transposed
         if rotary_dim == x.shape[-1]:
             return rel_rot, None, None
         return torch.cat((rel_rot, relevance[..., rotary_dim:]), dim=-1), None, None
@@ -440,6 +468,7 @@ class StopRule(AttnHook):
     output it treats as constant.
     '''
     uses_epsilon = False
+    saves_inputs = saves_output = False
 
     def __init__(self):
         super().__init__(epsilon=1e-6)
