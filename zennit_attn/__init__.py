@@ -6,5 +6,8 @@ Importing the package registers the composites ``attnlrp``, ``attnlrp_vit``, ``c
 from . import layers, rules, types, canonizers, composites  # noqa: F401
 from .composites import AttnLRP, AttnLRPViT, CPLRP, CPLRPViT  # noqa: F401
 from .attribution import TokenRelevance, token_relevance  # noqa: F401
+from .check import CoverageError, CoverageReport, check  # noqa: F401
+from .conservation import conservation_report  # noqa: F401
+from .latent import record_relevance  # noqa: F401
 
 __version__ = '0.1.0'

@@ -1,0 +1,271 @@
+'''Latent relevance: the relevance at the outputs of chosen modules during an attribution.
+
+Under a composite, the gradient that arrives at a module's output *is* the relevance of that output: for a hooked module
+it is exactly what its rule receives, and for any other module it is the relevance its output tensor carries (summed
+over all consumers, e.g. the residual stream feeding both the next block and its norm). :py:func:`record_relevance`
+records it for every module whose qualified name matches one of the given :py:mod:`fnmatch` patterns, which may name
+the op modules that canonizers insert (``'encoder.layers.encoder_layer_0.self_attention.attnlrp_context'``).
+
+Example
+-------
+>>> with record_relevance(model, ['encoder.layers.*.mlp.1']) as recorded:
+...     with Gradient(model, AttnLRP()) as attributor:
+...         output, relevance = attributor(images, lambda y: y * onehot)
+>>> neurons = per_neuron(recorded['encoder.layers.encoder_layer_0.mlp.1'])
+>>> top_k(neurons, 5)
+'''
+from collections import namedtuple
+from collections.abc import Mapping
+from contextlib import contextmanager
+from fnmatch import fnmatchcase
+
+import torch
+
+
+__all__ = ['record_relevance', 'Recorder', 'per_neuron', 'per_head', 'per_token', 'top_k', 'TopK']
+
+
+TopK = namedtuple('TopK', ['indices', 'values'])
+
+
+class Recorder(Mapping):
+    '''Read-only mapping ``qualified module name -> relevance at the module's output`` filled by
+    :py:func:`record_relevance`.
+
+    Relevance is recorded per attribution: it is reset at the start of every forward of the model. If a module is
+    called more than once in one forward, the relevance of its calls is **summed** (``calls[name]`` tells how often it
+    was called); calls with different output shapes cannot be summed and raise an error. The output of a module that
+    returns a tuple (e.g. Hugging Face attention, ``nn.MultiheadAttention``) is its first tensor. Modules that matched
+    but whose output received no relevance (e.g. the attention scores under CP-LRP) are absent; ``matched`` lists all
+    matched names.
+
+    Attributes
+    ----------
+    patterns: list[str]
+        The fnmatch patterns.
+    matched: list[str]
+        Qualified names of the modules matched at the last forward.
+    calls: dict[str, int]
+        Number of calls whose relevance was recorded, per name.
+    '''
+    def __init__(self, patterns):
+        self.patterns = list(patterns)
+        self.matched = []
+        self.calls = {}
+        self._relevance = {}
+
+    def __getitem__(self, name):
+        if name not in self._relevance:
+            known = ', '.join(self._relevance) or 'nothing recorded yet'
+            raise KeyError(
+                f'{name!r}: no relevance recorded for this module (recorded: {known}; matched: {self.matched}).'
+            )
+        return self._relevance[name]
+
+    def __iter__(self):
+        return iter(self._relevance)
+
+    def __len__(self):
+        return len(self._relevance)
+
+    def reset(self):
+        '''Forget all recorded relevance.'''
+        self._relevance = {}
+        self.calls = {}
+
+    def _add(self, name, relevance):
+        if relevance is None:  # nothing reached this output (e.g. a branch stopped by CP-LRP)
+            return
+        relevance = relevance.detach().clone()
+        if name in self._relevance:
+            previous = self._relevance[name]
+            if previous.shape != relevance.shape:
+                raise ValueError(
+                    f'record_relevance: {name!r} was called with output shapes {tuple(previous.shape)} and '
+                    f'{tuple(relevance.shape)} in one forward; its relevance cannot be summed over calls.'
+                )
+            relevance = previous + relevance
+        self._relevance[name] = relevance
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def __repr__(self):
+        items = ', '.join(f'{name}: {tuple(value.shape)}' for name, value in self._relevance.items())
+        return f'{type(self).__name__}({{{items}}})'
+
+
+def _first_tensor(output):
+    '''The output tensor of a module call (the first tensor of a tuple/list output), or None.'''
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return next((item for item in output if isinstance(item, torch.Tensor)), None)
+    return None
+
+
+class _Session:
+    '''The hooks of one :py:func:`record_relevance` context.
+
+    A forward pre-hook on the model resolves the patterns at every forward and (re-)registers the per-module forward
+    hooks then, so that modules inserted by canonizers are found and the hooks run after the composite's hooks (whose
+    rules replace the output; the relevance is recorded on the replaced output).
+    '''
+    def __init__(self, model, recorder):
+        self.model = model
+        self.recorder = recorder
+        self.module_handles = []
+        self.root_handle = model.register_forward_pre_hook(self._start)
+
+    def _start(self, module, args):
+        self.recorder.reset()
+        self._remove_module_hooks()
+        self.recorder.matched = [
+            name for name, _ in self.model.named_modules()
+            if any(fnmatchcase(name, pattern) for pattern in self.recorder.patterns)
+        ]
+        matched = set(self.recorder.matched)
+        for name, child in self.model.named_modules():
+            if name in matched:
+                self.module_handles.append(child.register_forward_hook(self._recording(name)))
+
+    def _recording(self, name):
+        def forward_hook(module, args, output):
+            tensor = _first_tensor(output)
+            if tensor is not None and tensor.requires_grad:
+                tensor.register_hook(lambda grad: self.recorder._add(name, grad))
+        return forward_hook
+
+    def _remove_module_hooks(self):
+        for handle in self.module_handles:
+            handle.remove()
+        self.module_handles = []
+
+    def remove(self):
+        '''Remove every hook.'''
+        self._remove_module_hooks()
+        self.root_handle.remove()
+
+
+@contextmanager
+def record_relevance(model, patterns):
+    '''Record the relevance at the output of every module of ``model`` whose qualified name matches a pattern.
+
+    Works with Zennit's attributors (e.g. :py:class:`zennit.attribution.Gradient`) and any composite, entered inside
+    or outside this context: the modules are matched at each forward, after the composite has registered.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The model that is attributed (the root whose forward is called).
+    patterns: str or list[str]
+        :py:func:`fnmatch.fnmatchcase` patterns on qualified module names, e.g. ``'encoder.layers.*.mlp.1'``.
+
+    Yields
+    ------
+    :py:class:`Recorder`
+        Mapping from module name to relevance, filled during the backward pass and reset at every forward.
+    '''
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    recorder = Recorder(patterns)
+    session = _Session(model, recorder)
+    try:
+        yield recorder
+    finally:
+        session.remove()
+
+
+def per_neuron(relevance, dim=-1):
+    '''Relevance per neuron (channel): sum over every dimension except ``dim``.
+
+    Parameters
+    ----------
+    relevance: :py:obj:`torch.Tensor`
+        E.g. the relevance at an MLP activation, shape ``(batch, tokens, neurons)``.
+    dim: int, optional
+        The neuron dimension.
+
+    Returns
+    -------
+    :py:obj:`torch.Tensor`
+        Shape ``(relevance.shape[dim],)``.
+    '''
+    return relevance.movedim(dim, -1).reshape(-1, relevance.shape[dim]).sum(0)
+
+
+def per_head(context_relevance, num_heads=None, keep_batch=False):
+    '''Relevance per attention head.
+
+    Parameters
+    ----------
+    context_relevance: :py:obj:`torch.Tensor`
+        Relevance of the attention output per head, either ``(batch, heads, tokens, head_dim)`` (the output of the
+        ``attnlrp_context`` op module) or ``(batch, tokens, heads * head_dim)`` (heads merged, before the output
+        projection), which needs ``num_heads``.
+    num_heads: int, optional
+        Number of heads for the merged layout.
+    keep_batch: bool, optional
+        Return ``(batch, heads)`` instead of summing over the batch.
+
+    Returns
+    -------
+    :py:obj:`torch.Tensor`
+        Shape ``(heads,)`` or ``(batch, heads)``.
+    '''
+    if context_relevance.ndim == 4:
+        if num_heads is not None and context_relevance.shape[1] != num_heads:
+            raise ValueError(
+                f'per_head: expected (batch, heads={num_heads}, tokens, head_dim), got {tuple(context_relevance.shape)}'
+            )
+        heads = context_relevance.sum((2, 3))
+    elif context_relevance.ndim == 3:
+        if num_heads is None:
+            raise ValueError('per_head: a (batch, tokens, heads * head_dim) relevance needs num_heads.')
+        batch, tokens, width = context_relevance.shape
+        if width % num_heads:
+            raise ValueError(f'per_head: the last dimension {width} is not divisible by num_heads={num_heads}.')
+        heads = context_relevance.reshape(batch, tokens, num_heads, width // num_heads).sum((1, 3))
+    else:
+        raise ValueError(
+            f'per_head: expected a 3- or 4-dimensional relevance, got shape {tuple(context_relevance.shape)}'
+        )
+    return heads if keep_batch else heads.sum(0)
+
+
+def per_token(relevance, dim=-1):
+    '''Relevance per token: sum over the hidden dimension ``dim``, e.g. ``(batch, tokens, hidden) -> (batch, tokens)``.
+
+    Parameters
+    ----------
+    relevance: :py:obj:`torch.Tensor`
+        The relevance.
+    dim: int, optional
+        The hidden dimension.
+
+    Returns
+    -------
+    :py:obj:`torch.Tensor`
+        The relevance without ``dim``.
+    '''
+    return relevance.sum(dim)
+
+
+def top_k(values, k, absolute=False):
+    '''The ``k`` largest entries of a 1-d tensor (e.g. from :py:func:`per_neuron` or :py:func:`per_head`).
+
+    Parameters
+    ----------
+    values: :py:obj:`torch.Tensor`
+        A 1-d tensor (higher dimensional tensors are flattened; indices then refer to the flattened tensor).
+    k: int
+        Number of entries; at most ``values.numel()``.
+    absolute: bool, optional
+        Rank by absolute value (most relevant in either direction); the signed values are returned.
+
+    Returns
+    -------
+    :py:class:`TopK`
+        ``(indices, values)``, largest first.
+    '''
+    flat = values.reshape(-1)
+    k = min(k, flat.numel())
+    indices = torch.topk(flat.abs() if absolute else flat, k).indices
+    return TopK(indices, flat[indices])
