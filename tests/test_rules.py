@@ -1173,3 +1173,24 @@ def test_module_called_twice_gets_relevance_of_each_call():
     grads = torch.autograd.grad(second, (a, b, c), relevance_out)
     assert torch.allclose(grads[2], relevance_out / 2)
     assert torch.allclose(grads[0], relevance_out / 4) and torch.allclose(grads[1], relevance_out / 4)
+
+
+def test_masked_mean_rule_matches_reference_and_ignores_padding():
+    '''MaskedMean with MeanRule: R_i = x_i m_i R / stab(Σ x m); padded positions get 0, the mask gets nothing.'''
+    torch.manual_seed(0)
+    pool = layers.MaskedMean(1)
+    rules.MeanRule(epsilon=1e-9).register(pool)
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1., 1., 1., 0., 0.], [1., 1., 1., 1., 1.]], dtype=torch.float64)[..., None]
+    output = pool(x, mask)
+    assert torch.equal(output, (x * mask).sum(1) / mask.sum(1))
+    relevance_out = torch.randn(2, 3, dtype=torch.float64)
+    (relevance,) = torch.autograd.grad(output, x, relevance_out)
+    expected = torch.zeros_like(relevance)
+    for b in range(2):
+        total = sum(x[b, t] * mask[b, t] for t in range(5))
+        for t in range(5):
+            expected[b, t] = x[b, t] * mask[b, t] * relevance_out[b] / (total + 1e-9 * torch.where(total >= 0, 1., -1.))
+    assert torch.allclose(relevance, expected, rtol=1e-12)
+    assert torch.all(relevance[0, 3:] == 0)
+    assert torch.allclose(relevance.sum((1,)), relevance_out, rtol=1e-6)

@@ -26,7 +26,7 @@ def attnlrp_layer_map(epsilon=1e-6):
         (layers.Sum, SumRule(epsilon=epsilon)),
         (layers.Product, ProductRule()),
         (layers.Scale, IdentityRule()),
-        (layers.Mean, MeanRule(epsilon=epsilon)),
+        ((layers.Mean, layers.MaskedMean), MeanRule(epsilon=epsilon)),
         (layers.RotaryEmbedding, RoPERule(epsilon=epsilon)),
         (types.LayerNorm, LayerNormRule(epsilon=epsilon)),
         (types.RMSNorm, RMSNormRule()),

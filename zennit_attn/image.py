@@ -37,7 +37,7 @@ def mpl():
         from matplotlib.font_manager import FontProperties
         from matplotlib.patches import Rectangle
     except ImportError as err:
-        raise ImportError("Figures need matplotlib: pip install 'zennit-attn[plot]'.") from err
+        raise ImportError('Figures need matplotlib: pip install matplotlib.') from err
     return SimpleNamespace(Figure=Figure, FigureCanvasAgg=FigureCanvasAgg, FontProperties=FontProperties,
                            Rectangle=Rectangle)
 

@@ -141,6 +141,27 @@ class GatedProduct(Product):
     '''Product ``gate * up`` of a gated MLP; the gate is the first argument (CP-LRP treats it as constant).'''
 
 
+class MaskedMean(torch.nn.Module):
+    '''Mean over ``dim`` of the entries selected by ``mask``, ``(x * mask).sum(dim) / mask.sum(dim)`` (masked mean
+    pooling over tokens; ``mask`` broadcastable to ``x``, e.g. ``attention_mask[..., None]``).
+
+    Parameters
+    ----------
+    dim: int
+        Dimension to average over.
+    '''
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x, mask):
+        '''Compute the masked mean of ``x`` over ``dim``.'''
+        return (x * mask).sum(self.dim) / mask.sum(self.dim)
+
+    def extra_repr(self):
+        return f'dim={self.dim}'
+
+
 def rotate_half(x):
     '''Rotate the two halves of the last dimension: ``(x1, x2) -> (-x2, x1)`` (Hugging Face convention).'''
     half = x.shape[-1] // 2

@@ -385,24 +385,29 @@ class SumRule(AttnHook):
 
 
 class MeanRule(AttnHook):
-    '''ε-rule for mean pooling ``y = mean_i x_i``: ``R_i = x_i * R / stab(sum_k x_k)``. The module needs the attributes
-    ``dim`` and ``keepdim`` (see :py:class:`zennit_attn.layers.Mean`).
+    '''ε-rule for mean pooling ``y = mean_i x_i``: ``R_i = x_i * R / stab(sum_k x_k)``. For a masked mean
+    (:py:class:`zennit_attn.layers.MaskedMean`, called with ``(x, mask)``) the masked terms ``x_i * m_i`` take the place
+    of ``x_i`` and the mask gets no relevance. The module needs the attributes ``dim`` (and ``keepdim`` for
+    :py:class:`zennit_attn.layers.Mean`).
     '''
-    num_inputs = 1
     saves_output = False
 
     def _check_call(self, module, args, kwargs):
         super()._check_call(module, args, kwargs)
         if not hasattr(module, 'dim'):
             raise TypeError(f'MeanRule on {type(module).__name__}: the module needs attributes `dim` and `keepdim`.')
+        if len(args) not in (1, 2):
+            raise ValueError(
+                f'MeanRule on {type(module).__name__}: expected (x) or (x, mask) positional tensors, got {len(args)}.'
+            )
 
     def relevance(self, module, inputs, output, relevance, variable):
-        (x,) = inputs
-        dim = module.dim
-        total = x.sum(dim, keepdim=True)
+        terms = inputs[0] if len(inputs) == 1 else inputs[0] * inputs[1]
+        total = terms.sum(module.dim, keepdim=True)
         if not getattr(module, 'keepdim', False):
             relevance = relevance.reshape(total.shape)
-        return (x * (relevance / self.stabilizer(total)),)
+        rel_x = _unbroadcast(terms * (relevance / self.stabilizer(total)), inputs[0].shape)
+        return (rel_x,) if len(inputs) == 1 else (rel_x, None)
 
 
 class LayerNormRule(AttnHook):

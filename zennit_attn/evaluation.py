@@ -1,0 +1,540 @@
+'''Perturbation faithfulness of attributions (ATTNLRP.md §5): MoRF / LeRF curves and the area between them (ABPC).
+
+Protocol. Features are ranked by their relevance; in fractional steps ``0, 1/S, ..., 1`` the top ``round(f · N)``
+features of the ranking are set to ``baseline_value`` (in the model's normalized input space) and the target logit is
+recorded. MoRF removes the most relevant (largest signed relevance) features first, LeRF the least relevant first.
+``ABPC = ∫₀¹ (LeRF − MoRF) df`` by the trapezoid rule, in raw logit units; higher is better and a random ranking gives
+≈ 0 in expectation. Ties in the relevance (e.g. patch-constant rollout maps at pixel granularity) are broken by a fixed
+random permutation, identical for MoRF and LeRF.
+
+Granularity for images ``(B, C, H, W)``: ``'pixel'`` ranks the ``H·W`` pixels by their channel-summed relevance and
+perturbs all channels of a pixel; ``'patch'`` ranks ``patch_size × patch_size`` blocks by their summed relevance;
+``'feature'`` ranks every element. For inputs ``(B, D)`` every element is a feature. Text: :py:func:`perturb_tokens`
+sets whole token embeddings ``(B, T, H)`` to 0 and ranks only the real tokens of the attention mask.
+'''
+import csv
+import dataclasses
+import json
+import math
+import os
+
+import torch
+
+from .methods import _logits, _resolve, _targets, target_logits
+
+
+__all__ = [
+    'fractions_for', 'rank_features', 'perturbation_curves', 'perturb_tokens', 'abpc', 'MethodResult',
+    'FaithfulnessResults', 'results_table', 'paired_difference', 'evaluate', 'evaluate_tokens', 'save_results',
+    'plot_results', 'tune_gamma', 'GammaTuning',
+]
+
+
+def fractions_for(steps):
+    '''``steps + 1`` fractions from 0 to 1 (both included).'''
+    if int(steps) < 1:
+        raise ValueError(f'steps must be >= 1, got {steps}')
+    return torch.linspace(0., 1., int(steps) + 1, dtype=torch.float64)
+
+
+def abpc(morf, lerf, fractions):
+    '''Area between the perturbation curves, ``∫ (LeRF − MoRF) d fraction`` by the trapezoid rule.
+
+    ``morf`` and ``lerf`` have the fractions on their last axis (per-sample curves ``(B, S+1)`` give ``(B,)``).
+    '''
+    morf, lerf = torch.as_tensor(morf, dtype=torch.float64), torch.as_tensor(lerf, dtype=torch.float64)
+    return torch.trapezoid(lerf - morf, torch.as_tensor(fractions, dtype=torch.float64), dim=-1)
+
+
+def rank_features(scores, order='morf', mask=None, seed=0):
+    '''Feature indices ``(B, N)`` in perturbation order.
+
+    ``scores`` ``(B, N)``: MoRF sorts by descending score, LeRF ascending; ties are broken by a fixed random
+    permutation (seeded), the same for both orders. Features with ``mask == 0`` are placed last (never perturbed
+    before all real features).
+    '''
+    if order not in ('morf', 'lerf'):
+        raise ValueError(f"order must be 'morf' or 'lerf', got {order!r}")
+    scores = scores.detach().to(torch.float64)
+    batch, count = scores.shape
+    key = -scores if order == 'morf' else scores.clone()
+    if mask is not None:
+        key = key.masked_fill(~mask.bool(), float('inf'))
+    permutation = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).to(scores.device)
+    ranked = torch.argsort(key[:, permutation], dim=1, stable=True)
+    return permutation[ranked]
+
+
+def _feature_view(inputs, relevance, granularity, patch_size):
+    '''Per-feature scores ``(B, N)`` and a function turning a feature mask ``(B, N)`` into an input mask.'''
+    batch = inputs.shape[0]
+    if relevance.shape != inputs.shape:
+        raise ValueError(f'relevance shape {tuple(relevance.shape)} differs from inputs {tuple(inputs.shape)}')
+    if granularity == 'feature' or inputs.ndim == 2:
+        return relevance.reshape(batch, -1), lambda mask: mask.reshape(inputs.shape)
+    if inputs.ndim != 4:
+        raise ValueError(f"granularity {granularity!r} needs image inputs (B, C, H, W), got {tuple(inputs.shape)}")
+    _, channels, height, width = inputs.shape
+    if granularity == 'pixel':
+        scores = relevance.sum(1).reshape(batch, -1)
+        return scores, lambda mask: mask.reshape(batch, 1, height, width).expand_as(inputs)
+    if granularity == 'patch':
+        if not patch_size or height % patch_size or width % patch_size:
+            raise ValueError(f'patch_size {patch_size} must divide the image size {height} x {width}')
+        rows, cols = height // patch_size, width // patch_size
+        scores = relevance.sum(1).reshape(batch, rows, patch_size, cols, patch_size).sum((2, 4)).reshape(batch, -1)
+
+        def expand(mask):
+            mask = mask.reshape(batch, 1, rows, 1, cols, 1).expand(batch, 1, rows, patch_size, cols, patch_size)
+            return mask.reshape(batch, 1, height, width).expand_as(inputs)
+        return scores, expand
+    raise ValueError(f"granularity must be 'pixel', 'patch' or 'feature', got {granularity!r}")
+
+
+def _counts(fractions, totals):
+    '''Number of features perturbed per fraction and sample: ``round(f · N_b)``, ``(S+1, B)``.'''
+    return torch.round(fractions[:, None] * totals[None].to(torch.float64)).long()
+
+
+@torch.no_grad()
+def _curves(forward, inputs, order_index, counts, expand, baseline_value, targets):
+    batch, count = order_index.shape
+    positions = torch.empty_like(order_index)
+    positions.scatter_(1, order_index, torch.arange(count, device=order_index.device).expand(batch, count))
+    curve = []
+    for step_counts in counts:
+        feature_mask = positions < step_counts[:, None].to(positions.device)
+        perturbed = torch.where(expand(feature_mask), torch.as_tensor(baseline_value, dtype=inputs.dtype), inputs)
+        curve.append(target_logits(forward(perturbed), targets).to(torch.float64))
+    return torch.stack(curve, 1)
+
+
+def perturbation_curves(
+    model, inputs, targets, relevance, order='morf', steps=20, granularity='pixel', patch_size=None,
+    baseline_value=0., seed=0,
+):
+    '''Target logit while the most (``'morf'``) or least (``'lerf'``) relevant features are set to ``baseline_value``.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        Returns logits ``(batch, classes)``.
+    inputs, relevance: :py:obj:`torch.Tensor`
+        The (normalized) inputs and their attribution, same shape.
+    targets: int, sequence or :py:obj:`torch.Tensor`
+        The explained class per sample.
+    order: str
+        ``'morf'`` or ``'lerf'``.
+    steps: int
+        Number of steps; the curve has ``steps + 1`` points at fractions ``linspace(0, 1, steps + 1)``.
+    granularity: str
+        ``'pixel'``, ``'patch'`` (with ``patch_size``) or ``'feature'`` (see the module docstring).
+    baseline_value: float
+        Value of a perturbed feature in the model's input space (0 = the data mean for standardized inputs).
+    seed: int
+        Seed of the tie-breaking permutation.
+
+    Returns
+    -------
+    curves: :py:obj:`torch.Tensor`
+        float64 ``(batch, steps + 1)``; ``curves[:, 0]`` is the unperturbed logit.
+    fractions: :py:obj:`torch.Tensor`
+        float64 ``(steps + 1,)``.
+    '''
+    fractions = fractions_for(steps)
+    targets = _targets(targets, inputs.shape[0], inputs.device)
+    scores, expand = _feature_view(inputs, relevance, granularity, patch_size)
+    order_index = rank_features(scores, order, seed=seed)
+    totals = torch.full((inputs.shape[0],), scores.shape[1])
+    counts = _counts(fractions, totals)
+    curves = _curves(lambda x: model(x), inputs.detach(), order_index, counts, expand, baseline_value, targets)
+    return curves, fractions
+
+
+def perturb_tokens(
+    model, embeddings, attention_mask, targets, relevance, order='morf', steps=20, baseline_value=0., seed=0,
+    forward=None,
+):
+    '''Perturbation curves for text: whole token embeddings are set to ``baseline_value`` (0).
+
+    Only real tokens (``attention_mask == 1``) are ranked and perturbed; sample ``b`` with ``n_b`` real tokens has
+    ``round(f · n_b)`` of them perturbed at fraction ``f``. The attention mask itself is never changed.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        Called as ``model(inputs_embeds=..., attention_mask=...)`` unless ``forward`` is given.
+    embeddings: :py:obj:`torch.Tensor`
+        Input embeddings ``(B, T, H)``.
+    attention_mask: :py:obj:`torch.Tensor`
+        ``(B, T)``, 1 for real tokens.
+    relevance: :py:obj:`torch.Tensor`
+        Token relevance ``(B, T)``, or embedding relevance ``(B, T, H)`` (summed over ``H``).
+    forward: callable, optional
+        ``forward(embeddings, attention_mask) -> logits``, replacing the default model call.
+
+    Returns
+    -------
+    curves, fractions: as :py:func:`perturbation_curves`.
+    '''
+    if forward is None:
+        def forward(embeds, mask):
+            return _logits(model(inputs_embeds=embeds, attention_mask=mask))
+    batch, length, _ = embeddings.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, length, dtype=torch.long, device=embeddings.device)
+    if relevance.ndim == 3:
+        relevance = relevance.sum(-1)
+    if relevance.shape != (batch, length):
+        raise ValueError(f'token relevance must be ({batch}, {length}), got {tuple(relevance.shape)}')
+    fractions = fractions_for(steps)
+    targets = _targets(targets, batch, embeddings.device)
+    real = attention_mask.bool()
+    order_index = rank_features(relevance, order, mask=real, seed=seed)
+    counts = _counts(fractions, real.sum(1).cpu())
+    expand = lambda mask: (mask & real)[..., None].expand_as(embeddings)  # noqa: E731
+    curves = _curves(
+        lambda x: forward(x, attention_mask), embeddings.detach(), order_index, counts, expand, baseline_value, targets,
+    )
+    return curves, fractions
+
+
+# ----------------------------------------------------------------------------------------------------- results
+@dataclasses.dataclass
+class MethodResult:
+    '''Per-sample MoRF / LeRF curves ``(N, S+1)`` and ABPC ``(N,)`` of one method.'''
+    morf: torch.Tensor
+    lerf: torch.Tensor
+    abpc: torch.Tensor
+
+    @property
+    def abpc_mean(self):
+        return self.abpc.mean().item()
+
+    @property
+    def abpc_se(self):
+        '''Standard error of the mean ABPC (sample standard deviation / √N; 0 for one sample).'''
+        count = self.abpc.numel()
+        return self.abpc.std().item() / math.sqrt(count) if count > 1 else 0.
+
+    def auc(self, fractions, order):
+        return torch.trapezoid(getattr(self, order).mean(0), fractions).item()
+
+
+@dataclasses.dataclass
+class FaithfulnessResults:
+    '''Results of :py:func:`evaluate`: the fractions, one :py:class:`MethodResult` per method, and metadata.'''
+    fractions: torch.Tensor
+    methods: dict
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    def summary(self):
+        '''One row per method: ``method, abpc_mean, abpc_se, morf_auc, lerf_auc, n``, by descending ABPC.'''
+        rows = [
+            {
+                'method': name, 'abpc_mean': result.abpc_mean, 'abpc_se': result.abpc_se,
+                'morf_auc': result.auc(self.fractions, 'morf'), 'lerf_auc': result.auc(self.fractions, 'lerf'),
+                'n': result.abpc.numel(),
+            }
+            for name, result in self.methods.items()
+        ]
+        return sorted(rows, key=lambda row: -row['abpc_mean'])
+
+    def mean_curves(self):
+        '''``{method: {'morf': [...], 'lerf': [...]}}`` averaged over the samples.'''
+        return {
+            name: {'morf': result.morf.mean(0).tolist(), 'lerf': result.lerf.mean(0).tolist()}
+            for name, result in self.methods.items()
+        }
+
+    def markdown(self, title=None):
+        '''The summary as a Markdown table.'''
+        lines = [f'### {title}', ''] if title else []
+        lines += ['| method | ABPC ± s.e. | MoRF AUC | LeRF AUC | n |', '|---|---|---|---|---|']
+        for row in self.summary():
+            lines.append(
+                f"| {row['method']} | {row['abpc_mean']:.3f} ± {row['abpc_se']:.3f} | {row['morf_auc']:.3f} | "
+                f"{row['lerf_auc']:.3f} | {row['n']} |"
+            )
+        return '\n'.join(lines)
+
+    def to_dict(self):
+        return {
+            'metadata': self.metadata,
+            'fractions': self.fractions.tolist(),
+            'summary': self.summary(),
+            'mean_curves': self.mean_curves(),
+            'per_sample_abpc': {name: result.abpc.tolist() for name, result in self.methods.items()},
+        }
+
+
+def paired_difference(results, first, second):
+    '''Mean and standard error of the per-sample ABPC difference ``first − second`` (same samples, so the paired
+    standard error is much smaller than the two unpaired ones combined).'''
+    difference = results.methods[first].abpc - results.methods[second].abpc
+    count = difference.numel()
+    return difference.mean().item(), (difference.std().item() / math.sqrt(count) if count > 1 else 0.)
+
+
+def results_table(results, title=None):
+    '''Markdown table (method, ABPC ± s.e., MoRF AUC, LeRF AUC, n) of a :py:class:`FaithfulnessResults`.'''
+    return results.markdown(title)
+
+
+def _method_table(methods):
+    '''Normalise ``methods`` to ``{label: explain(model, inputs, target)}``.
+
+    Accepts a list of names, or a dict ``label -> name | (name, options) | Composite | callable``.
+    '''
+    if isinstance(methods, (list, tuple)):
+        methods = {name: name for name in methods}
+    table = {}
+    for label, spec in methods.items():
+        if callable(spec) and not isinstance(spec, str) and not hasattr(spec, 'register'):
+            table[label] = spec
+        elif isinstance(spec, tuple):
+            name, options = spec
+            table[label] = _resolve(name, dict(options))
+        else:
+            table[label] = _resolve(spec, {})
+    return table
+
+
+def _batches(count, batch_size):
+    for start in range(0, count, batch_size):
+        yield slice(start, min(start + batch_size, count))
+
+
+def _progress(total, enabled, description):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, disable=not enabled, desc=description, leave=False)
+
+
+def evaluate(
+    model, samples, targets, methods, batch_size=16, steps=20, granularity='pixel', patch_size=None,
+    baseline_value=0., include_random=True, random_seed=0, progress=True, description='faithfulness',
+):
+    '''Perturbation faithfulness of several attribution methods on one fixed sample set shared by all methods.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        Returns logits ``(batch, classes)``; in eval mode.
+    samples: :py:obj:`torch.Tensor`
+        ``(N, ...)`` inputs.
+    targets: :py:obj:`torch.Tensor`
+        ``(N,)`` explained classes (e.g. the labels or the predictions).
+    methods: list[str] or dict
+        Names for :py:func:`zennit_attn.methods.attribute`, or ``{label: name | (name, options) | Composite |
+        callable(model, inputs, target)}``.
+    include_random: bool
+        Add the label ``'random'`` (uniform noise, seeded per batch from ``random_seed``) unless already present.
+
+    Other parameters are those of :py:func:`perturbation_curves`.
+
+    Returns
+    -------
+    :py:class:`FaithfulnessResults`
+    '''
+    table = _method_table(methods)
+    if include_random and 'random' not in table:
+        table['random'] = None
+    targets = _targets(targets, samples.shape[0], samples.device)
+    count = samples.shape[0]
+    collected = {label: {'morf': [], 'lerf': []} for label in table}
+    fractions = fractions_for(steps)
+    batches = list(_batches(count, batch_size))
+    with _progress(len(batches) * len(table), progress, description) as bar:
+        for number, index in enumerate(batches):
+            inputs, batch_targets = samples[index], targets[index]
+            for label, explain in table.items():
+                bar.set_postfix_str(label)
+                if explain is None:
+                    explain = _resolve('random', {'seed': random_seed + number})
+                relevance = explain(model, inputs, batch_targets)
+                for order in ('morf', 'lerf'):
+                    curves, _ = perturbation_curves(
+                        model, inputs, batch_targets, relevance, order=order, steps=steps, granularity=granularity,
+                        patch_size=patch_size, baseline_value=baseline_value, seed=random_seed + number,
+                    )
+                    collected[label][order].append(curves)
+                bar.update(1)
+    results = {}
+    for label, curves in collected.items():
+        morf, lerf = torch.cat(curves['morf']), torch.cat(curves['lerf'])
+        results[label] = MethodResult(morf=morf, lerf=lerf, abpc=abpc(morf, lerf, fractions))
+    metadata = dict(
+        samples=count, steps=steps, granularity=granularity, patch_size=patch_size, baseline_value=baseline_value,
+        random_seed=random_seed, input_shape=list(samples.shape[1:]),
+    )
+    return FaithfulnessResults(fractions=fractions, methods=results, metadata=metadata)
+
+
+def evaluate_tokens(
+    model, embeddings, attention_mask, targets, methods, batch_size=16, steps=20, include_random=True, random_seed=0,
+    progress=True, description='token faithfulness', forward=None,
+):
+    ''':py:func:`evaluate` for text: token relevance from ``methods`` ``{label: explain(embeddings, mask, targets) ->
+    (B, T) or (B, T, H)}``, curves from :py:func:`perturb_tokens` (whole token embeddings set to 0, only real tokens
+    ranked). ``'random'`` (uniform token scores) is always added unless present.
+    '''
+    table = dict(methods)
+    if include_random and 'random' not in table:
+        table['random'] = None
+    count = embeddings.shape[0]
+    targets = _targets(targets, count, embeddings.device)
+    fractions = fractions_for(steps)
+    collected = {label: {'morf': [], 'lerf': []} for label in table}
+    batches = list(_batches(count, batch_size))
+    with _progress(len(batches) * len(table), progress, description) as bar:
+        for number, index in enumerate(batches):
+            embeds, mask, batch_targets = embeddings[index], attention_mask[index], targets[index]
+            for label, explain in table.items():
+                bar.set_postfix_str(label)
+                if explain is None:
+                    generator = torch.Generator().manual_seed(random_seed + number)
+                    relevance = torch.rand(mask.shape, generator=generator, dtype=torch.float64)
+                else:
+                    relevance = explain(embeds, mask, batch_targets)
+                for order in ('morf', 'lerf'):
+                    curves, _ = perturb_tokens(
+                        model, embeds, mask, batch_targets, relevance, order=order, steps=steps,
+                        seed=random_seed + number, forward=forward,
+                    )
+                    collected[label][order].append(curves)
+                bar.update(1)
+    results = {}
+    for label, curves in collected.items():
+        morf, lerf = torch.cat(curves['morf']), torch.cat(curves['lerf'])
+        results[label] = MethodResult(morf=morf, lerf=lerf, abpc=abpc(morf, lerf, fractions))
+    metadata = dict(samples=count, steps=steps, granularity='token', baseline_value=0., random_seed=random_seed)
+    return FaithfulnessResults(fractions=fractions, methods=results, metadata=metadata)
+
+
+# ------------------------------------------------------------------------------------------------ saving, plots
+def save_results(results, directory, prefix='faithfulness'):
+    '''Write ``<prefix>.json`` (metadata, summary, mean curves, per-sample ABPC), ``<prefix>_summary.csv`` and
+    ``<prefix>_curves.csv`` (method, order, fraction, mean logit) into ``directory``; returns the paths.'''
+    os.makedirs(directory, exist_ok=True)
+    paths = [os.path.join(directory, f'{prefix}{suffix}') for suffix in ('.json', '_summary.csv', '_curves.csv')]
+    with open(paths[0], 'w') as fd:
+        json.dump(results.to_dict(), fd, indent=1)
+    summary = results.summary()
+    with open(paths[1], 'w', newline='') as fd:
+        writer = csv.DictWriter(fd, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    with open(paths[2], 'w', newline='') as fd:
+        writer = csv.writer(fd)
+        writer.writerow(['method', 'order', 'fraction', 'mean_logit'])
+        for name, curves in results.mean_curves().items():
+            for order in ('morf', 'lerf'):
+                for fraction, value in zip(results.fractions.tolist(), curves[order]):
+                    writer.writerow([name, order, fraction, value])
+    return paths
+
+
+def plot_results(results, directory, prefix='faithfulness', title=None):
+    '''Save ``<prefix>_curves.png`` (mean MoRF and LeRF curves per method) and ``<prefix>_abpc.png`` (mean ABPC with
+    standard-error bars) into ``directory`` (matplotlib, Agg backend); returns the paths.'''
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    fractions = results.fractions.numpy()
+    names = [row['method'] for row in results.summary()]
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.2), sharey=True)
+    colors = plt.get_cmap('tab20').colors
+    for axis, order, label in zip(axes, ('morf', 'lerf'), ('MoRF (most relevant first)', 'LeRF (least relevant first)')):
+        for number, name in enumerate(names):
+            style = dict(color='gray', linestyle='--') if name == 'random' else dict(
+                color=colors[(2 * number) % 20 + (2 * number) // 20 % 2], linestyle=('-', '-.', ':')[number // 20 % 3],
+            )
+            axis.plot(fractions, getattr(results.methods[name], order).mean(0).numpy(), label=name, **style)
+        axis.set_title(label)
+        axis.set_xlabel('fraction of features perturbed')
+        axis.grid(alpha=.3)
+    axes[0].set_ylabel('mean target logit')
+    axes[1].legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.02, 1.), borderaxespad=0.)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    curve_path = os.path.join(directory, f'{prefix}_curves.png')
+    figure.savefig(curve_path, dpi=120)
+    plt.close(figure)
+
+    rows = results.summary()
+    figure, axis = plt.subplots(figsize=(max(5, 0.8 * len(rows) + 2), 4))
+    colors = ['gray' if row['method'] == 'random' else 'C0' for row in rows]
+    axis.bar(range(len(rows)), [row['abpc_mean'] for row in rows], yerr=[row['abpc_se'] for row in rows],
+             color=colors, capsize=3)
+    axis.set_xticks(range(len(rows)))
+    axis.set_xticklabels([row['method'] for row in rows], rotation=35, ha='right')
+    axis.axhline(0, color='black', linewidth=.8)
+    axis.set_ylabel('ABPC (logit units, mean ± s.e.)')
+    axis.set_title(title or 'Area between perturbation curves (higher is better)')
+    figure.tight_layout()
+    bar_path = os.path.join(directory, f'{prefix}_abpc.png')
+    figure.savefig(bar_path, dpi=120)
+    plt.close(figure)
+    return [curve_path, bar_path]
+
+
+# ------------------------------------------------------------------------------------------------- γ tuning
+@dataclasses.dataclass
+class GammaTuning:
+    '''Result of :py:func:`tune_gamma`: the best ``(conv_gamma, linear_gamma)``, its composite instance, and a table
+    (list of dicts ``conv_gamma, linear_gamma, abpc_mean, abpc_se``) of all settings.'''
+    best: tuple
+    composite: object
+    table: list
+    best_score: float
+
+    def markdown(self):
+        conv = sorted({row['conv_gamma'] for row in self.table})
+        linear = sorted({row['linear_gamma'] for row in self.table})
+        score = {(row['conv_gamma'], row['linear_gamma']): row['abpc_mean'] for row in self.table}
+        lines = ['| conv γ \\ linear γ | ' + ' | '.join(f'{g:g}' for g in linear) + ' |',
+                 '|---' * (len(linear) + 1) + '|']
+        for c in conv:
+            cells = [f'**{score[c, g]:.3f}**' if (c, g) == tuple(self.best) else f'{score[c, g]:.3f}' for g in linear]
+            lines.append(f'| {c:g} | ' + ' | '.join(cells) + ' |')
+        return '\n'.join(lines)
+
+
+def tune_gamma(
+    model, samples, targets, conv_gammas=(0., 0.1, 0.25, 0.5, 1.), linear_gammas=(0., 0.01, 0.05, 0.1, 0.25),
+    composite='attnlrp_vit', batch_size=16, steps=20, granularity='pixel', patch_size=None, baseline_value=0.,
+    progress=True, **composite_options,
+):
+    '''Choose ``(conv_gamma, linear_gamma)`` of a vision composite by ABPC on (held-out) ``samples``.
+
+    Every setting is scored by the mean ABPC of :py:func:`evaluate` (same protocol parameters); ties go to the first
+    setting in grid order. Use samples disjoint from the ones the tuned composite is finally evaluated on.
+
+    Returns
+    -------
+    :py:class:`GammaTuning`
+    '''
+    import zennit.composites
+    composite_type = zennit.composites.COMPOSITES[composite] if isinstance(composite, str) else composite
+    table = []
+    settings = [(float(c), float(g)) for c in conv_gammas for g in linear_gammas]
+    from tqdm.auto import tqdm
+    for conv_gamma, linear_gamma in tqdm(settings, disable=not progress, desc='gamma grid'):
+        instance = composite_type(conv_gamma=conv_gamma, linear_gamma=linear_gamma, **composite_options)
+        result = evaluate(
+            model, samples, targets, {'composite': instance}, batch_size=batch_size, steps=steps,
+            granularity=granularity, patch_size=patch_size, baseline_value=baseline_value, include_random=False,
+            progress=False,
+        ).methods['composite']
+        table.append(dict(
+            conv_gamma=conv_gamma, linear_gamma=linear_gamma, abpc_mean=result.abpc_mean, abpc_se=result.abpc_se,
+        ))
+    best = max(table, key=lambda row: row['abpc_mean'])  # max keeps the first of equal scores
+    setting = (best['conv_gamma'], best['linear_gamma'])
+    return GammaTuning(
+        best=setting, composite=composite_type(conv_gamma=setting[0], linear_gamma=setting[1], **composite_options),
+        table=table, best_score=best['abpc_mean'],
+    )
