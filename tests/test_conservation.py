@@ -6,6 +6,7 @@ from zennit_attn import layers
 from zennit_attn.composites import AttnLRP, AttnLRPViT, CPLRP
 from zennit_attn.conservation import ConservationReport, conservation_report
 
+from helpers import Twice
 from test_check import HalfScale, Toy, hook_count, toy_input
 from test_torchvision_vit import attribute, image, make_vit
 
@@ -109,14 +110,6 @@ def test_unhooked_scale_shows_up_as_unaccounted():
 
 
 def test_module_called_twice_and_bad_output():
-    class Twice(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.act = torch.nn.GELU()
-
-        def forward(self, x):
-            return self.act(self.act(x))
-
     model = Toy(Twice()).double().eval()
     report = conservation_report(model, AttnLRP(), toy_input().double(), lambda y: y)
     assert {row.name: row.calls for row in report.modules}['body.act'] == 2

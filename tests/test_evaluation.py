@@ -14,13 +14,7 @@ from zennit_attn.evaluation import (
 )
 from zennit_attn.methods import attribute
 
-
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from helpers import single_thread  # noqa: F401 (autouse fixture: one thread for this module)
 
 
 def linear_model(features=12, classes=3, seed=0):

@@ -7,6 +7,7 @@ from zennit_attn.composites import AttnLRP, CPLRP
 from zennit_attn.latent import per_head, per_neuron, per_token, record_relevance, top_k
 from zennit_attn.rules import LayerNormRule
 
+from helpers import Twice
 from test_check import Toy, hook_count, toy_input
 from test_torchvision_vit import attribute, image, make_vit
 
@@ -110,14 +111,6 @@ def test_works_with_the_gradient_attributor_in_either_order(inside):
 
 
 def test_calls_are_summed_and_forwards_reset():
-    class Twice(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.act = torch.nn.GELU()
-
-        def forward(self, x):
-            return self.act(self.act(x))
-
     model = Toy(Twice()).double().eval()
     x = toy_input().double()
     with record_relevance(model, ['body', 'body.act']) as recorded, Gradient(model, AttnLRP()) as attributor:

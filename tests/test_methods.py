@@ -8,21 +8,14 @@ from zennit.attribution import Gradient
 from zennit_attn.composites import AttnLRPViT
 from zennit_attn.methods import METHODS, UnknownMethodError, attribute, available_methods
 
+from helpers import single_thread  # noqa: F401 (autouse fixture: one thread for this module)
+
 
 TINY = dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=7)
 ALL_METHODS = [
     'gradient', 'input_x_gradient', 'integrated_gradients', 'smoothgrad', 'attention_rollout', 'grad_x_attn_rollout',
     'random', 'attnlrp', 'attnlrp_vit', 'cp_lrp', 'cp_lrp_vit',
 ]
-
-
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    '''Tiny models run much faster on one thread (and do not fight other processes for the CPU).'''
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_vit(dtype=torch.float64, seed=0, **overrides):

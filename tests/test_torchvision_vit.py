@@ -12,6 +12,7 @@ from zennit_attn.canonizers import VisionTransformerCanonizer
 from zennit_attn.composites import AttnLRP, AttnLRPViT, CPLRP, CPLRPViT, UnsupportedModelError
 
 from oracle_vit import vit_oracle
+from restoration import assert_restored, relative_difference, snapshot
 
 
 SMALL_CONFIGS = {
@@ -51,35 +52,6 @@ def attribute(model, composite, x, target):
         onehot = torch.nn.functional.one_hot(target, model.heads.head.out_features).to(x.dtype)
         output, relevance = attributor(x, lambda y: y * onehot)
     return output, relevance
-
-
-def relative_difference(actual, expected):
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
-def snapshot(model):
-    '''Everything removal must restore: modules, forwards, parameter objects, state_dict values.'''
-    return {
-        'modules': [(name, module) for name, module in model.named_modules()],
-        'forwards': [(name, 'forward' in vars(module)) for name, module in model.named_modules()],
-        'parameters': [(name, param) for name, param in model.named_parameters()],
-        'state': {key: value.clone() for key, value in model.state_dict().items()},
-        'hooks': sum(
-            len(module._forward_hooks) + len(module._forward_pre_hooks) + len(module._backward_hooks)
-            for module in model.modules()
-        ),
-    }
-
-
-def assert_restored(model, before):
-    after = snapshot(model)
-    assert [name for name, _ in after['modules']] == [name for name, _ in before['modules']]
-    assert all(a is b for (_, a), (_, b) in zip(after['modules'], before['modules']))
-    assert after['forwards'] == before['forwards']
-    assert all(a is b for (_, a), (_, b) in zip(after['parameters'], before['parameters']))
-    assert after['state'].keys() == before['state'].keys()
-    assert all(torch.equal(after['state'][key], before['state'][key]) for key in before['state'])
-    assert after['hooks'] == before['hooks']
 
 
 @pytest.mark.parametrize('config', sorted(SMALL_CONFIGS))

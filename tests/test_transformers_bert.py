@@ -22,6 +22,7 @@ from zennit_attn.canonizers.transformers.bert import additive_mask  # noqa: E402
 from zennit_attn.composites import AttnLRP, AttnLRPViT, CPLRP, CPLRPViT, UnsupportedModelError  # noqa: E402
 
 from oracle_hf import bert_classifier_logits, bert_encoder, oracle_relevance, vit_logits  # noqa: E402
+from restoration import assert_restored, relative_difference, snapshot  # noqa: E402
 
 
 COMPOSITES = [AttnLRP, CPLRP, AttnLRPViT, CPLRPViT]
@@ -75,10 +76,6 @@ def onehot(target, classes, contrast=None, dtype=torch.float64):
     return weight
 
 
-def relative_difference(actual, expected):
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
 def text_oracle(model, input_ids, attention_mask, token_type_ids, target, contrast=None, cp_lrp=False):
     embeds = model.get_input_embeddings()(input_ids).detach()
     tt = token_type_ids if model.config.model_type == 'bert' else None
@@ -87,36 +84,6 @@ def text_oracle(model, input_ids, attention_mask, token_type_ids, target, contra
         return bert_classifier_logits(model, x, input_ids, attention_mask, tt, cp_lrp=cp_lrp)
 
     return oracle_relevance(forward, embeds, onehot(target, model.config.num_labels, contrast))
-
-
-def snapshot(model):
-    '''Everything removal must restore: modules, forwards, parameter objects, state_dict values, hooks, configs.'''
-    return {
-        'modules': [(name, module) for name, module in model.named_modules()],
-        'forwards': [(name, 'forward' in vars(module)) for name, module in model.named_modules()],
-        'parameters': [(name, param) for name, param in model.named_parameters()],
-        'state': {key: value.clone() for key, value in model.state_dict().items()},
-        'hooks': sum(
-            len(module._forward_hooks) + len(module._forward_pre_hooks) + len(module._backward_hooks)
-            for module in model.modules()
-        ),
-        'attn': [
-            (module.config._attn_implementation, dict(vars(module.config)))
-            for module in model.modules() if hasattr(module, 'config')
-        ],
-    }
-
-
-def assert_restored(model, before):
-    after = snapshot(model)
-    assert [name for name, _ in after['modules']] == [name for name, _ in before['modules']]
-    assert all(a is b for (_, a), (_, b) in zip(after['modules'], before['modules']))
-    assert after['forwards'] == before['forwards']
-    assert all(a is b for (_, a), (_, b) in zip(after['parameters'], before['parameters']))
-    assert after['state'].keys() == before['state'].keys()
-    assert all(torch.equal(after['state'][key], before['state'][key]) for key in before['state'])
-    assert after['hooks'] == before['hooks']
-    assert after['attn'] == before['attn']
 
 
 def assert_same_forward(model, call, composites=COMPOSITES):

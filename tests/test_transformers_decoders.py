@@ -20,6 +20,7 @@ from zennit_attn.composites import AttentionComposite, AttnLRP, AttnLRPViT, CPLR
 from zennit_attn.rules import Epsilon, Gamma  # noqa: E402
 
 from oracle_decoders import decoder_logits, decoder_oracle, gpt2_oracle  # noqa: E402
+from restoration import assert_restored, relative_difference, snapshot  # noqa: E402
 
 
 VOCAB = 100
@@ -101,40 +102,6 @@ def attribute(model, composite, embeds, mask, positions, target=TARGET, **kwargs
     with Gradient(wrapper, composite) as attributor:
         output, relevance = attributor(embeds, lambda y: y * onehot)
     return output, relevance
-
-
-def relative_difference(actual, expected):
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
-def snapshot(model):
-    '''Everything removal must restore: modules, forwards, parameter objects, state_dict, hooks, attention config.'''
-    return {
-        'modules': [(name, module) for name, module in model.named_modules()],
-        'forwards': [(name, 'forward' in vars(module)) for name, module in model.named_modules()],
-        'parameters': [(name, param) for name, param in model.named_parameters(remove_duplicate=False)],
-        'state': {key: value.clone() for key, value in model.state_dict().items()},
-        'hooks': sum(
-            len(module._forward_hooks) + len(module._forward_pre_hooks) + len(module._backward_hooks)
-            for module in model.modules()
-        ),
-        'attn_implementation': model.config._attn_implementation,
-        'tied': model.lm_head.weight is model.get_input_embeddings().weight,
-    }
-
-
-def assert_restored(model, before):
-    after = snapshot(model)
-    assert [name for name, _ in after['modules']] == [name for name, _ in before['modules']]
-    assert all(a is b for (_, a), (_, b) in zip(after['modules'], before['modules']))
-    assert after['forwards'] == before['forwards']
-    assert [name for name, _ in after['parameters']] == [name for name, _ in before['parameters']]
-    assert all(a is b for (_, a), (_, b) in zip(after['parameters'], before['parameters']))
-    assert after['state'].keys() == before['state'].keys()
-    assert all(torch.equal(after['state'][key], before['state'][key]) for key in before['state'])
-    assert after['hooks'] == before['hooks']
-    assert after['attn_implementation'] == before['attn_implementation']
-    assert after['tied'] == before['tied']
 
 
 @pytest.mark.parametrize('family', FAMILY_NAMES)

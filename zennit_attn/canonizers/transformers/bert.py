@@ -33,7 +33,7 @@ from ... import layers
 from ..base import ForwardCanonizer
 from ..group import CanonizerGroup
 from .. import register_family
-from .common import EagerAttentionCanonizer
+from .common import EagerAttentionCanonizer, attention_ops
 
 
 __all__ = [
@@ -150,12 +150,7 @@ class BertSelfAttentionCanonizer(ForwardCanonizer):
     module_type = SELF_ATTENTIONS
 
     def make_ops(self, module):
-        return {
-            'scores': layers.AttentionScores(scale=module.scaling, scale_output=True),
-            'mask': layers.Sum(),
-            'softmax': layers.AttentionSoftmax(dim=-1),
-            'context': layers.AttentionContext(),
-        }
+        return attention_ops(module.scaling)
 
     def make_roles(self, module):
         return {module.query: 'attention_projection', module.key: 'attention_projection',

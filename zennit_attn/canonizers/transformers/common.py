@@ -1,6 +1,25 @@
 '''Pieces shared by the Hugging Face canonizers.'''
 from zennit.canonizers import Canonizer
 
+from ... import layers
+
+
+def attention_ops(scale, softmax_dtype=None, score_ops=None):
+    '''The op modules of eager attention ``softmax((q @ k^T) * scale + mask) @ v``, in call order: ``'scores'``
+    (:py:class:`~zennit_attn.layers.AttentionScores` with the scaling folded in), then ``score_ops`` (further ops on
+    the scores before the mask, e.g. logit soft-capping), ``'mask'`` (the additive mask as a
+    :py:class:`~zennit_attn.layers.Sum`), ``'softmax'`` (:py:class:`~zennit_attn.layers.AttentionSoftmax` over the
+    last dimension, computed in ``softmax_dtype``) and ``'context'`` (:py:class:`~zennit_attn.layers.AttentionContext`).
+    '''
+    ops = {'scores': layers.AttentionScores(scale=scale, scale_output=True)}
+    ops.update(score_ops or {})
+    ops.update(
+        mask=layers.Sum(),
+        softmax=layers.AttentionSoftmax(dim=-1, dtype=softmax_dtype),
+        context=layers.AttentionContext(),
+    )
+    return ops
+
 
 class EagerAttentionCanonizer(Canonizer):
     '''Temporarily switch every config of a model to ``attn_implementation='eager'``.

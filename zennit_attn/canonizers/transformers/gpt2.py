@@ -24,7 +24,7 @@ from ... import layers
 from .. import register_family
 from ..base import ForwardCanonizer
 from ..group import CanonizerGroup
-from .common import EagerAttentionCanonizer
+from .common import EagerAttentionCanonizer, attention_ops
 
 
 __all__ = ['GPT2ModelCanonizer', 'GPT2BlockCanonizer', 'GPT2AttentionCanonizer', 'GPT2Canonizer']
@@ -138,12 +138,7 @@ class GPT2AttentionCanonizer(ForwardCanonizer):
             )
 
     def make_ops(self, module):
-        return {
-            'scores': layers.AttentionScores(scale=module.scaling, scale_output=True),
-            'mask': layers.Sum(),
-            'softmax': layers.AttentionSoftmax(dim=-1),
-            'context': layers.AttentionContext(),
-        }
+        return attention_ops(module.scaling)
 
     def make_roles(self, module):
         return {module.c_attn: 'attention_projection', module.c_proj: 'attention_projection'}

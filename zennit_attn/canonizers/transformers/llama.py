@@ -38,7 +38,7 @@ from ... import layers
 from .. import register_family
 from ..base import ForwardCanonizer
 from ..group import CanonizerGroup
-from .common import EagerAttentionCanonizer
+from .common import EagerAttentionCanonizer, attention_ops
 
 from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
@@ -171,24 +171,17 @@ class DecoderAttentionCanonizer(TypedForwardCanonizer):
             raise NotImplementedError(f'{type(self).__name__}: {type(module).__name__} has no {missing}.')
 
     def make_ops(self, module):
-        ops = {
+        softcap = getattr(module, 'attn_logit_softcapping', None) if self.softcapping else None
+        score_ops = None if softcap is None else {
+            'softcap_divide': layers.Scale(softcap, divide=True),
+            'softcap_tanh': torch.nn.Tanh(),
+            'softcap_multiply': layers.Scale(softcap),
+        }
+        return {
             'rope_query': layers.RotaryEmbedding(),
             'rope_key': layers.RotaryEmbedding(),
-            'scores': layers.AttentionScores(scale=module.scaling, scale_output=True),
+            **attention_ops(module.scaling, softmax_dtype=torch.float32, score_ops=score_ops),
         }
-        softcap = getattr(module, 'attn_logit_softcapping', None) if self.softcapping else None
-        if softcap is not None:
-            ops.update(
-                softcap_divide=layers.Scale(softcap, divide=True),
-                softcap_tanh=torch.nn.Tanh(),
-                softcap_multiply=layers.Scale(softcap),
-            )
-        ops.update(
-            mask=layers.Sum(),
-            softmax=layers.AttentionSoftmax(dim=-1, dtype=torch.float32),
-            context=layers.AttentionContext(),
-        )
-        return ops
 
     def make_roles(self, module):
         return {
