@@ -318,3 +318,20 @@ def test_op_name():
     assert op_name('UnsafeViewBackward0') == 'unsafe_view'
     assert op_name('CopySlices') == 'copy_slices'
     assert op_name('_RelevanceFunctionBackward') == '_relevance_function'
+
+
+def test_adding_constant_zeros_is_not_a_finding_but_a_constant_bias_is():
+    '''x + 0 (a constant zero tensor) passes relevance unchanged; x + c with c != 0 absorbs relevance and is reported.'''
+    class AddConstant(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+            self.value = value
+
+        def forward(self, x):
+            return self.linear(x + torch.full((4,), self.value))
+
+    zero = check(AddConstant(0.), AttnLRP(), torch.randn(2, 4))
+    assert zero.ok, str(zero)
+    bias = check(AddConstant(0.5), AttnLRP(), torch.randn(2, 4))
+    assert [finding.op for finding in bias.findings] == ['add']

@@ -477,3 +477,23 @@ def test_additive_mask_formats():
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
     assert len(outputs.attentions) == 2 and outputs.attentions[0].shape == (2, 4, 7, 7)
     assert outputs.attentions[0][1, :, :, 5:].eq(0).all()
+
+
+@pytest.mark.parametrize('kind', ['bert', 'roberta', 'vit'])
+@pytest.mark.parametrize('composite_type', [AttnLRP, CPLRP])
+def test_coverage_lint_finds_no_unhooked_op(kind, composite_type):
+    '''zennit_attn.check reports nothing on BERT, RoBERTa (padded, two segments) and HF ViT.'''
+    from zennit_attn import check
+    from zennit_attn.attribution import EmbeddingsForward
+
+    model = make_model(kind)
+    if kind == 'vit':
+        report = check(LogitsOnly(model), composite_type(), torch.randn(2, 3, 16, 16, dtype=torch.float64))
+    else:
+        input_ids, attention_mask, token_type_ids = text_batch(kind)
+        if kind == 'roberta':
+            token_type_ids = None
+        embeds = model.get_input_embeddings()(input_ids).detach()
+        wrapper = EmbeddingsForward(model, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        report = check(wrapper, composite_type(), embeds)
+    assert report.ok, str(report)

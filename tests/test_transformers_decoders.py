@@ -434,3 +434,15 @@ def test_gpt2_unsupported_variants_raise_and_restore(overrides, message):
     with pytest.raises(NotImplementedError, match=message):
         AttnLRP().register(model)
     assert_restored(model, before)
+
+
+@pytest.mark.parametrize('family', FAMILY_NAMES)
+@pytest.mark.parametrize('composite_type', [AttnLRP, CPLRP])
+def test_coverage_lint_finds_no_unhooked_op(family, composite_type):
+    '''zennit_attn.check reports nothing on every supported decoder family (padded batch, sliding windows).'''
+    from zennit_attn import check
+
+    model = make_model(family)
+    embeds, mask, positions = inputs(model)
+    report = check(NextToken(model, mask, positions), composite_type(), embeds)
+    assert report.ok, str(report)

@@ -273,17 +273,36 @@ class _NodeRecorder(TorchFunctionMode):
     Ops called inside a torch function (e.g. the ``bmm`` inside ``torch.matmul``) are not seen; their nodes inherit the
     module of the node that consumes them when the graph is walked.
     '''
+    _ADDITIONS = {'add', '__add__', '__radd__', 'sub', '__sub__', '__rsub__'}
+
     def __init__(self, tracker):
         super().__init__()
         self.tracker = tracker
         self.origin = {}
+        self.neutral = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
         current = self.tracker.current
         if current is not None:
             self._record(result, current)
+            if getattr(func, '__name__', None) in self._ADDITIONS and self._adds_zero(args):
+                self.neutral.add(result.grad_fn)
         return result
+
+    @staticmethod
+    def _adds_zero(args):
+        '''Whether an addition only adds constant zeros to one input-dependent tensor: the identity, which passes
+        relevance unchanged (e.g. GPT-2's position embeddings while its canonizer adds them through a Sum op).
+        '''
+        tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+        others = [arg for arg in args if not isinstance(arg, torch.Tensor)]
+        variable = [tensor for tensor in tensors if tensor.requires_grad]
+        constant = [tensor for tensor in tensors if not tensor.requires_grad]
+        return (
+            len(variable) == 1 and all(not tensor.any() for tensor in constant)
+            and all(isinstance(other, (int, float)) and other == 0 for other in others)
+        )
 
     def _record(self, result, current):
         if isinstance(result, torch.Tensor):
@@ -386,8 +405,10 @@ def _hint(op, node, graph, module_type):
     return _HINTS.get(op, _DEFAULT_HINT)
 
 
-def _findings(graph):
-    '''Aggregate the uncovered, input-dependent nodes by (op, module), in backward order.'''
+def _findings(graph, neutral=()):
+    '''Aggregate the uncovered, input-dependent nodes by (op, module), in backward order; ``neutral`` nodes (additions
+    of constant zeros) pass relevance unchanged and are not findings.
+    '''
     findings = {}
     nodes = rule_nodes = 0
     for node in graph.order:
@@ -402,7 +423,7 @@ def _findings(graph):
             continue
         op = op_name(kind)
         name, covered, module_type = graph.origin[node]
-        if covered or op in PRESERVING_OPS:
+        if covered or op in PRESERVING_OPS or node in neutral:
             continue
         key = (op, name)
         if key in findings:
@@ -464,7 +485,7 @@ def check(model, composite, *inputs, strict=False, **kwargs):
     roots = [tensor.grad_fn for tensor in _tensors(output) if tensor.grad_fn is not None]
     roots = list(dict.fromkeys(roots))
     graph = _Graph(roots, leaves, recorder.origin)
-    findings, nodes, rule_nodes = _findings(graph)
+    findings, nodes, rule_nodes = _findings(graph, recorder.neutral)
     report = CoverageReport(findings=findings, nodes=nodes, rule_nodes=rule_nodes)
     if strict and not report.ok:
         raise CoverageError(report)
