@@ -106,3 +106,13 @@ def test_resize_accepts_other_sizes(tmp_path):
     big = tmp_path / 'big.png'
     Image.fromarray((np.random.default_rng(0).random((40, 30)) * 255).astype(np.uint8)).save(big)
     assert main(['explain', str(big), '--resize', '-o', str(tmp_path)]) == 0
+
+
+def test_unsupported_torchvision_model_is_a_one_line_error(tmp_path):
+    '''A CNN with batch norms is refused by the composites: exit status 2, one line naming the module.'''
+    image = tmp_path / 'image.png'
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    result = run_cli('explain', str(image), '--model', 'resnet18', '--resize', '-o', str(tmp_path / 'out'))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith('note:')]
+    assert len(lines) == 1 and "unsupported model: module 'bn1' (BatchNorm2d)" in lines[0]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .composites import UnsupportedModelError
+
 
 #: methods compared in the demo and by default in ``compare``, with their display names
 DEMO_METHODS = {
@@ -103,6 +105,8 @@ def torchvision_image_task(name, weights):
         transforms = weight_enum.transforms()
         mean, std, size = transforms.mean, transforms.std, transforms.crop_size[0]
     else:
+        print(f'note: {name} has random weights (pass --weights, e.g. IMAGENET1K_V1); torchvision initialises some '
+              'classification heads to zero, which gives empty heatmaps', file=sys.stderr)
         classes = [str(index) for index in range(model.heads.head.out_features if hasattr(model, 'heads') else 1000)]
         mean, std, size = IMAGENET_MEAN, IMAGENET_STD, getattr(model, 'image_size', 224)
     return ImageTask(model, size, mean, std, classes, name=name)
@@ -424,6 +428,9 @@ def main(argv=None):
         return args.run(args)
     except CLIError as error:
         print(f'zennit-attn: error: {error}', file=sys.stderr)
+        return 2
+    except UnsupportedModelError as error:
+        print(f'zennit-attn: error: unsupported model: {error}', file=sys.stderr)
         return 2
     except Exception as error:  # pylint: disable=broad-except
         if args.debug:
