@@ -1194,3 +1194,17 @@ def test_masked_mean_rule_matches_reference_and_ignores_padding():
     assert torch.allclose(relevance, expected, rtol=1e-12)
     assert torch.all(relevance[0, 3:] == 0)
     assert torch.allclose(relevance.sum((1,)), relevance_out, rtol=1e-6)
+
+
+def test_valid_padding_convolution_equals_zennit_and_unbatched_input_is_refused():
+    '''padding='valid' works like padding=0; an unbatched convolution input gets a clear error.'''
+    torch.manual_seed(0)
+    module = torch.nn.Conv2d(2, 3, 3, padding='valid').double()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    relevance_out = torch.randn_like(module(x))
+    for reference_rule, rule in ((zennit.rules.Epsilon(1e-3), rules.Epsilon(1e-3)), (zennit.rules.Gamma(), rules.Gamma())):
+        expected = linear_relevance(module, reference_rule, x, relevance_out)
+        assert torch.allclose(linear_relevance(module, rule, x, relevance_out), expected, rtol=1e-10, atol=1e-12)
+    rules.Epsilon().register(module)
+    with pytest.raises(ValueError, match='Epsilon on Conv2d: expected a batched input with 4 dimensions'):
+        module(torch.randn(2, 6, 6, dtype=torch.float64, requires_grad=True))

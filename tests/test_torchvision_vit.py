@@ -313,3 +313,14 @@ def test_readme_snippet_runs_on_every_torchvision_vit(builder):
     assert torch.allclose(output, expected, atol=1e-5)
     assert relevance.shape == x.shape
     assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
+
+
+def test_training_mode_with_dropout_is_refused():
+    '''Active dropout would make every heatmap random: registration fails with a clear error, the model is restored.'''
+    torch.manual_seed(0)
+    model = VisionTransformer(**SMALL_CONFIGS['tiny'], dropout=0.1).train()
+    before = snapshot(model)
+    with pytest.raises(UnsupportedModelError, match=r'dropout p=0.1 is active .* call model.eval\(\)'):
+        AttnLRP().register(model)
+    assert_restored(model, before)
+    AttnLRP().register(model.eval())

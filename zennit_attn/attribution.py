@@ -41,7 +41,7 @@ class TokenRelevance(NamedTuple):
     contrast: torch.Tensor = None
 
 
-def _logits(output):
+def logits_of(output):
     '''The logits of a model output: a tensor, a ModelOutput / dict with ``logits``, or the first element of a
     tuple.'''
     if isinstance(output, torch.Tensor):
@@ -51,7 +51,7 @@ def _logits(output):
         logits = output[0]
     if not isinstance(logits, torch.Tensor):
         raise TypeError(
-            f'token_relevance: cannot find logits in the model output of type {type(output).__name__}; the model must '
+            f'cannot find logits in the model output of type {type(output).__name__}; the model must '
             'return a tensor or an output with a `logits` field (wrap a headless model with a readout module).'
         )
     return logits
@@ -68,7 +68,7 @@ class LogitsOnly(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         '''Return the logits of ``model(*args, **kwargs)``.'''
-        return _logits(self.model(*args, **kwargs))
+        return logits_of(self.model(*args, **kwargs))
 
 
 class EmbeddingsForward(torch.nn.Module):
@@ -90,7 +90,7 @@ class EmbeddingsForward(torch.nn.Module):
 
     def forward(self, inputs_embeds):
         '''Return the logits of ``model(inputs_embeds=inputs_embeds, **kwargs)``.'''
-        return _logits(self.model(inputs_embeds=inputs_embeds, **self.kwargs))
+        return logits_of(self.model(inputs_embeds=inputs_embeds, **self.kwargs))
 
 
 def _accepts(model, name):
@@ -116,13 +116,13 @@ def _position_ids(model, input_ids):
     return None
 
 
-def _per_sample(value, batch, name, device):
+def per_sample(value, batch, name, device):
     '''``value`` (int, sequence or tensor) as a long tensor of shape ``(batch,)``.'''
     value = torch.as_tensor(value, dtype=torch.long, device=device)
     if value.ndim == 0:
         value = value.expand(batch)
     if value.shape != (batch,):
-        raise ValueError(f'token_relevance: {name} must be an int or have shape ({batch},), got {tuple(value.shape)}')
+        raise ValueError(f'{name} must be an int or have shape ({batch},), got {tuple(value.shape)}')
     return value
 
 
@@ -200,7 +200,7 @@ def token_relevance(
         logits = output.detach()
         if logits.ndim == 3:
             positions = last_positions(attention_mask, batch, length, device) if position is None else (
-                _per_sample(position, batch, 'position', device) % length
+                per_sample(position, batch, 'position', device) % length
             )
             selected = logits[torch.arange(batch, device=device), positions]
         elif logits.ndim == 2:
@@ -211,12 +211,12 @@ def token_relevance(
             raise ValueError(
                 f'token_relevance: expected logits of shape (B, C) or (B, T, V), got {tuple(logits.shape)}'
             )
-        goal = selected.argmax(-1) if target is None else _per_sample(target, batch, 'target', device)
+        goal = selected.argmax(-1) if target is None else per_sample(target, batch, 'target', device)
         onehot = torch.zeros_like(selected)
         onehot[torch.arange(batch, device=device), goal] = 1.
         against = None
         if contrast is not None:
-            against = _per_sample(contrast, batch, 'contrast', device)
+            against = per_sample(contrast, batch, 'contrast', device)
             onehot[torch.arange(batch, device=device), against] -= 1.
         weight = torch.zeros_like(logits)
         if positions is None:

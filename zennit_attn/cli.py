@@ -86,7 +86,7 @@ def torchvision_image_task(name, weights):
         builder = torchvision.models.get_model_builder(name)
     except ValueError:
         raise CLIError(
-            f'unknown model {name!r}; use "default", a torchvision model name (e.g. vit_b_16) or a Hugging Face path'
+            f'unknown model {name!r}; for images use "default" or a torchvision model name (e.g. vit_b_16)'
         ) from None
     weight_enum = None
     if weights is not None:
@@ -305,7 +305,8 @@ def faithfulness_table(results):
 def command_explain(args):
     '''Explain one image or text with one composite.'''
     out = output_dir(args.output)
-    composite = check_composite(args.composite)
+    # the vision preset is the default for images, plain AttnLRP for text
+    composite = check_composite(args.composite or ('attnlrp' if args.text is not None else 'attnlrp_vit'))
     if args.text is not None:
         model, tokenizer, classes = text_task(args.model)
         written = explain_text(model, tokenizer, classes, [args.text], composite, args.target, out, prefix='explain')
@@ -393,7 +394,8 @@ def build_parser():
     def add_model_options(sub):
         sub.add_argument('image', nargs='?', help='image file (PNG/JPEG)')
         sub.add_argument('--model', default=DEFAULT_MODEL,
-                         help='"default" (shipped Fashion-MNIST ViT / MiniLM), a torchvision name, or a HF path')
+                         help='"default" (shipped Fashion-MNIST ViT / MiniLM), a torchvision model name for images, '
+                         'or a Hugging Face sequence classifier (name or path) for --text')
         sub.add_argument('--weights', help='torchvision weights, e.g. IMAGENET1K_V1')
         sub.add_argument('--target', type=int, help='class index to explain (default: the prediction)')
         sub.add_argument('--resize', action='store_true', help='resize the image to the model\'s input size')
@@ -402,7 +404,8 @@ def build_parser():
     explain = commands.add_parser('explain', help='explain one image or text')
     add_model_options(explain)
     explain.add_argument('--text', help='explain this text instead of an image')
-    explain.add_argument('--composite', default='attnlrp_vit', help=f'one of {", ".join(COMPOSITE_NAMES)}')
+    explain.add_argument('--composite', help=f'one of {", ".join(COMPOSITE_NAMES)} (default: attnlrp_vit for '
+                         'images, attnlrp for text)')
     explain.set_defaults(run=command_explain)
 
     compare = commands.add_parser('compare', help='explain one image with several methods side by side')

@@ -1,4 +1,5 @@
 '''Named AttnLRP composites, registered into :py:data:`zennit.composites.COMPOSITES` on import of ``zennit_attn``.'''
+import torch
 from zennit.composites import register_composite
 from zennit.core import Composite
 from zennit.types import Convolution
@@ -40,6 +41,7 @@ def cp_lrp_layer_map(epsilon=1e-6):
     return [
         (layers.AttentionContext, CPMatMulRule(epsilon=epsilon, constant=0)),
         (layers.AttentionScores, StopRule()),
+        (layers.AttentionMask, StopRule()),
         (layers.AttentionSoftmax, StopRule()),
         (layers.GatedProduct, CPProductRule(constant=0)),
     ] + attnlrp_layer_map(epsilon=epsilon)
@@ -116,7 +118,8 @@ class AttentionComposite(Composite):
             raise
 
     def remove(self):
-        '''Remove all hooks and revert all canonizers.'''
+        '''Remove all hooks and revert all canonizers, in the reverse order of their application.'''
+        self.handles.reverse()
         super().remove()
         self.roles = {}
 
@@ -128,6 +131,15 @@ class AttentionComposite(Composite):
         for name, child, template in templates:
             kind = type(child).__name__
             where = f'module {name!r} ({kind})' if name else f'the model ({kind})'
+            dropout = child.p if isinstance(child, torch.nn.modules.dropout._DropoutNd) else (
+                getattr(child, 'dropout', 0.) if isinstance(child, torch.nn.MultiheadAttention) else
+                getattr(child, 'attention_dropout', 0.)
+            )
+            if child.training and isinstance(dropout, float) and dropout > 0:
+                raise UnsupportedModelError(
+                    f'{where}: dropout p={dropout} is active because the model is in training mode, which makes '
+                    'every heatmap random; call model.eval() first.'
+                )
             if isinstance(child, types.FusedTransformer):
                 raise UnsupportedModelError(
                     f'{where}: torch.nn.Transformer*Layer computes its residual sums and attention inline (and may use '

@@ -20,7 +20,8 @@ import os
 
 import torch
 
-from .methods import _logits, _resolve, _targets, target_logits
+from .attribution import logits_of, per_sample
+from .methods import _resolve, target_logits
 
 
 __all__ = [
@@ -142,7 +143,7 @@ def perturbation_curves(
         float64 ``(steps + 1,)``.
     '''
     fractions = fractions_for(steps)
-    targets = _targets(targets, inputs.shape[0], inputs.device)
+    targets = per_sample(targets, inputs.shape[0], 'targets', inputs.device)
     scores, expand = _feature_view(inputs, relevance, granularity, patch_size)
     order_index = rank_features(scores, order, seed=seed)
     totals = torch.full((inputs.shape[0],), scores.shape[1])
@@ -179,7 +180,7 @@ def perturb_tokens(
     '''
     if forward is None:
         def forward(embeds, mask):
-            return _logits(model(inputs_embeds=embeds, attention_mask=mask))
+            return logits_of(model(inputs_embeds=embeds, attention_mask=mask))
     batch, length, _ = embeddings.shape
     if attention_mask is None:
         attention_mask = torch.ones(batch, length, dtype=torch.long, device=embeddings.device)
@@ -188,7 +189,7 @@ def perturb_tokens(
     if relevance.shape != (batch, length):
         raise ValueError(f'token relevance must be ({batch}, {length}), got {tuple(relevance.shape)}')
     fractions = fractions_for(steps)
-    targets = _targets(targets, batch, embeddings.device)
+    targets = per_sample(targets, batch, 'targets', embeddings.device)
     real = attention_mask.bool()
     order_index = rank_features(relevance, order, mask=real, seed=seed)
     counts = _counts(fractions, real.sum(1).cpu())
@@ -339,7 +340,7 @@ def evaluate(
     table = _method_table(methods)
     if include_random and 'random' not in table:
         table['random'] = None
-    targets = _targets(targets, samples.shape[0], samples.device)
+    targets = per_sample(targets, samples.shape[0], 'targets', samples.device)
     count = samples.shape[0]
     collected = {label: {'morf': [], 'lerf': []} for label in table}
     fractions = fractions_for(steps)
@@ -382,7 +383,7 @@ def evaluate_tokens(
     if include_random and 'random' not in table:
         table['random'] = None
     count = embeddings.shape[0]
-    targets = _targets(targets, count, embeddings.device)
+    targets = per_sample(targets, count, 'targets', embeddings.device)
     fractions = fractions_for(steps)
     collected = {label: {'morf': [], 'lerf': []} for label in table}
     batches = list(_batches(count, batch_size))
@@ -393,7 +394,7 @@ def evaluate_tokens(
                 bar.set_postfix_str(label)
                 if explain is None:
                     generator = torch.Generator().manual_seed(random_seed + number)
-                    relevance = torch.rand(mask.shape, generator=generator, dtype=torch.float64)
+                    relevance = torch.rand(mask.shape, generator=generator, dtype=torch.float64).to(mask.device)
                 else:
                     relevance = explain(embeds, mask, batch_targets)
                 for order in ('morf', 'lerf'):

@@ -17,8 +17,7 @@ from zennit.image import get_cmap
 def mpl():
     '''The matplotlib classes used for figures, imported on first use.
 
-    matplotlib is the optional 'plot' extra of this package: heatmaps, overlays and PNGs need only numpy and Pillow,
-    so importing this module must not require it. Figures are built on the Agg canvas directly, never through
+    Heatmaps, overlays and PNGs need only numpy and Pillow, so importing this module does not import matplotlib. Figures are built on the Agg canvas directly, never through
     pyplot, so no global backend is switched and no figure needs closing.
 
     Returns

@@ -137,6 +137,10 @@ class AttentionSoftmax(Softmax):
     '''Softmax of the attention scores (CP-LRP treats it as constant).'''
 
 
+class AttentionMask(Sum):
+    '''Additive attention mask ``scores + mask`` (a :py:class:`Sum`; CP-LRP treats the scores as constant).'''
+
+
 class GatedProduct(Product):
     '''Product ``gate * up`` of a gated MLP; the gate is the first argument (CP-LRP treats it as constant).'''
 

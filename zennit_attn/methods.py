@@ -54,6 +54,7 @@ from zennit.core import Composite
 
 from . import composites as _composites  # noqa: F401 (registers the composites)
 from . import layers
+from .attribution import logits_of, per_sample
 
 
 __all__ = ['METHODS', 'register_method', 'attribute', 'available_methods', 'UnknownMethodError', 'target_logits']
@@ -84,26 +85,6 @@ def available_methods():
     return sorted(METHODS) + sorted(name for name in zennit.composites.COMPOSITES if name not in METHODS)
 
 
-def _logits(output):
-    '''A tensor output, or the ``logits`` of a ModelOutput / dict.'''
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = output.get('logits') if isinstance(output, dict) else getattr(output, 'logits', None)
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f'cannot find logits in a model output of type {type(output).__name__}')
-    return logits
-
-
-def _targets(target, batch, device):
-    '''``target`` (int, sequence or tensor) as a long tensor of shape ``(batch,)``.'''
-    target = torch.as_tensor(target, dtype=torch.long, device=device)
-    if target.ndim == 0:
-        target = target.expand(batch)
-    if target.shape != (batch,):
-        raise ValueError(f'target must be an int or have shape ({batch},), got {tuple(target.shape)}')
-    return target
-
-
 def _onehot(output, target):
     onehot = torch.zeros_like(output)
     onehot[torch.arange(output.shape[0], device=output.device), target] = 1.
@@ -112,7 +93,7 @@ def _onehot(output, target):
 
 def target_logits(output, target):
     '''The logit of ``target[b]`` for every sample ``b`` of a ``(batch, classes)`` output.'''
-    output = _logits(output)
+    output = logits_of(output)
     return output[torch.arange(output.shape[0], device=output.device), target]
 
 
@@ -287,7 +268,7 @@ def grad_x_attn_rollout():
         recorder = RecordAttention(model)
         with torch.enable_grad(), recorder:
             leaf = inputs.detach().clone().requires_grad_(True)
-            logits = _logits(model(leaf))
+            logits = logits_of(model(leaf))
             gradients = torch.autograd.grad(target_logits(logits, target).sum(), recorder.attentions)
         patches = gradient_rollout([a.detach() for a in recorder.attentions], gradients)[:, 0, 1:]
         return _patch_map(recorder.vit, patches, inputs)
@@ -340,7 +321,7 @@ def attribute(model, inputs, target, method, **options):
         The attribution, shape ``inputs.shape``, detached; positive values are evidence for the target.
     '''
     explain = _resolve(method, options)
-    target = _targets(target, inputs.shape[0], inputs.device)
+    target = per_sample(target, inputs.shape[0], 'target', inputs.device)
     relevance = explain(model, inputs, target)
     if relevance.shape != inputs.shape:  # pragma: no cover (a bug in a method)
         raise RuntimeError(f'method {method!r} returned shape {tuple(relevance.shape)}, expected {tuple(inputs.shape)}')

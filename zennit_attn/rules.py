@@ -6,6 +6,9 @@ its parameters. Each returns one relevance per positional tensor argument of the
 Operands that are constants (tensors that do not require a gradient, and :py:class:`torch.nn.Parameter` objects such
 as learned position embeddings) receive no relevance: their share is absorbed like a bias, and for bilinear operations
 the other operand then receives the full, unhalved relevance.
+A tensor computed from parameters alone (``param.expand(...)``, ``param[:, :n]``) still requires a gradient and
+counts as input-dependent, which halves the other operand's share in products: pass the parameter itself, or
+``.detach()`` such a tensor, when it is a constant.
 '''
 import torch
 from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
@@ -49,8 +52,9 @@ class _RelevanceFunction(torch.autograd.Function):
         ctx.hook, ctx.module, ctx.variable = hook, module, variable
         # keep only what the rule reads; the rest is described by shape and dtype (meta tensors) to save memory
         ctx.meta = tuple((tensor.shape, tensor.dtype) for tensor in (output,) + inputs)
+        save_output, save_inputs = hook.selection(inputs, output, variable)
         ctx.save_for_backward(
-            output if hook.saves_output else None, *(inputs if hook.saves_inputs else (None,) * len(inputs))
+            output if save_output else None, *(tensor if save else None for tensor, save in zip(inputs, save_inputs))
         )
         return output.view_as(output)
 
@@ -122,6 +126,12 @@ class AttnHook(Hook):
                 f'{rule} on {name}: expected {self.num_inputs} positional tensor argument(s), got {len(args)}; is '
                 'this rule attached to the right module type?'
             )
+
+    def selection(self, inputs, output, variable):
+        '''Which tensors of a call the backward pass needs: ``(save_output, (save_input, ...))``; unsaved ones reach
+        :py:meth:`relevance` as meta tensors (shape and dtype only). Defaults to ``saves_output`` / ``saves_inputs``.
+        '''
+        return self.saves_output, (self.saves_inputs,) * len(inputs)
 
     def register(self, module):
         '''Attach this rule to ``module``.
@@ -288,9 +298,17 @@ class MatMulRule(AttnHook):
         '''Fraction of relevance each operand receives: 1/2 each if both are variable, else all to the variable one.'''
         return tuple((0.5 if all(variable) else 1.0) if var else 0. for var in variable)
 
+    def selection(self, inputs, output, variable):
+        # attention scores (T x T) are larger than q and k (T x d): recomputing them in the backward pass is cheaper
+        # than holding one more T x T matrix per layer
+        a, b = inputs
+        return output.numel() <= a.numel() + b.numel(), (True, True)
+
     def relevance(self, module, inputs, output, relevance, variable):
         a, b = inputs
         scale = getattr(module, 'scale', 1.0)
+        if output.is_meta:
+            output = (a @ b) * scale
         ratio = relevance / self.stabilizer(output)
         share_a, share_b = self._shares(variable)
         rel_a = rel_b = None
@@ -374,11 +392,25 @@ class SumRule(AttnHook):
     absorbed like a bias.
     '''
     num_inputs = 2
-    saves_output = False
+
+    def selection(self, inputs, output, variable):
+        # by default keep the operands and recompute the sum; with one input-dependent operand of the output's shape
+        # and a constant (e.g. scores + mask), keep the sum and the constant instead: the sum is what the next op
+        # (softmax) keeps anyway, so the operand (the scores) need not stay alive
+        if sum(variable) == 1 and inputs[variable.index(True)].shape == output.shape:
+            return True, tuple(not var for var in variable)
+        return False, (True, True)
 
     def relevance(self, module, inputs, output, relevance, variable):
-        # the sum is recomputed rather than kept: cheaper than holding a residual-stream-sized tensor per sum
-        ratio = relevance / self.stabilizer(inputs[0] + inputs[1])
+        a, b = inputs
+        if output.is_meta:
+            output = a + b
+        elif a.is_meta:
+            a = output - b
+        elif b.is_meta:
+            b = output - a
+        inputs = (a, b)
+        ratio = relevance / self.stabilizer(output)
         return tuple(
             tensor * _unbroadcast(ratio, tensor.shape) if var else None for tensor, var in zip(inputs, variable)
         )
@@ -522,8 +554,10 @@ class _LinearOp:
             return torch.nn.functional.linear(x, weight)
         if _LinearOp.is_conv1d(module):
             return x @ weight
-        conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[x.ndim - 3]
-        return conv(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
+        conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)
+        return conv[len(module.kernel_size) - 1](
+            x, weight, None, module.stride, _LinearOp.padding(module), module.dilation, module.groups
+        )
 
     @staticmethod
     def transpose(module, x, weight, ratio):
@@ -532,8 +566,15 @@ class _LinearOp:
             return ratio @ weight
         if _LinearOp.is_conv1d(module):
             return ratio @ weight.transpose(0, 1)
-        conv_input = (torch.nn.grad.conv1d_input, torch.nn.grad.conv2d_input, torch.nn.grad.conv3d_input)[x.ndim - 3]
-        return conv_input(x.shape, weight, ratio, module.stride, module.padding, module.dilation, module.groups)
+        conv_input = (torch.nn.grad.conv1d_input, torch.nn.grad.conv2d_input, torch.nn.grad.conv3d_input)
+        return conv_input[len(module.kernel_size) - 1](
+            x.shape, weight, ratio, module.stride, _LinearOp.padding(module), module.dilation, module.groups
+        )
+
+    @staticmethod
+    def padding(module):
+        '''The convolution's padding as numbers (``'valid'`` is no padding).'''
+        return 0 if module.padding == 'valid' else module.padding
 
 
 def _zero_bias(rule, zero_params):
@@ -569,6 +610,12 @@ class Epsilon(AttnHook):
     def _check_call(self, module, args, kwargs):
         super()._check_call(module, args, kwargs)
         _LinearOp.check(type(self).__name__, module)
+        kernel_size = getattr(module, 'kernel_size', None)
+        if kernel_size is not None and not _LinearOp.is_conv1d(module) and args[0].ndim != len(kernel_size) + 2:
+            raise ValueError(
+                f'{type(self).__name__} on {type(module).__name__}: expected a batched input with '
+                f'{len(kernel_size) + 2} dimensions, got shape {tuple(args[0].shape)}; add a batch dimension.'
+            )
 
     def _bias(self, module, output):
         '''The bias broadcastable to ``output`` (channel dimension 1 for convolutions), or None.'''

@@ -64,10 +64,15 @@ class ForwardCanonizer(Canonizer):
             raise RuntimeError(f'{type(self).__name__}: {name} already has children named {clashes}.')
         self.module = module
         self.ops = ops
-        for key, op in ops.items():
-            module.add_module(self.prefix + key, op)
-        self.roles = self.make_roles(module)
-        module.forward = self.canonical_forward
+        try:
+            for key, op in ops.items():
+                module.add_module(self.prefix + key, op)
+            self.roles = self.make_roles(module)
+            module.forward = self.canonical_forward
+        except BaseException:
+            # this instance is not yet in the caller's list, so undo its partial changes here
+            self.remove()
+            raise
 
     def remove(self):
         '''Restore the module: delete the instance forward and the inserted op modules.'''

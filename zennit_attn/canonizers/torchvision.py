@@ -76,7 +76,7 @@ class MultiheadAttentionCanonizer(ForwardCanonizer):
             'k_proj': _linear_view(weights[1], biases[1]),
             'v_proj': _linear_view(weights[2], biases[2]),
             'scores': layers.AttentionScores(scale=1 / math.sqrt(head_dim)),
-            'mask': layers.Sum(),
+            'mask': layers.AttentionMask(),
             'softmax': layers.AttentionSoftmax(dim=-1),
             'context': layers.AttentionContext(),
         }

@@ -14,7 +14,7 @@ def attention_ops(scale, softmax_dtype=None, score_ops=None):
     ops = {'scores': layers.AttentionScores(scale=scale, scale_output=True)}
     ops.update(score_ops or {})
     ops.update(
-        mask=layers.Sum(),
+        mask=layers.AttentionMask(),
         softmax=layers.AttentionSoftmax(dim=-1, dtype=softmax_dtype),
         context=layers.AttentionContext(),
     )
@@ -56,6 +56,9 @@ class EagerAttentionCanonizer(Canonizer):
 
     def register(self, root_module):
         for config in self._configs(root_module):
+            if vars(config)['_attn_implementation_internal'] == 'eager':
+                # already eager (or switched by another family's canonizer, which restores it): nothing to undo
+                continue
             self.saved.append((config, vars(config)['_attn_implementation_internal']))
             # set the stored value directly: the property setter also rewrites sub-configs and validates kernels
             vars(config)['_attn_implementation_internal'] = 'eager'

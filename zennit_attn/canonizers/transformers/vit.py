@@ -79,7 +79,7 @@ class ViTAttentionCanonizer(ForwardCanonizer):
     def make_ops(self, module):
         return {
             'scores': layers.AttentionScores(scale=module.scaling, scale_output=True),
-            'mask': layers.Sum(),
+            'mask': layers.AttentionMask(),
             'softmax': layers.AttentionSoftmax(dim=-1),
             'softmax_float32': layers.AttentionSoftmax(dim=-1, dtype=torch.float32),
             'context': layers.AttentionContext(),
