@@ -324,3 +324,18 @@ def test_training_mode_with_dropout_is_refused():
         AttnLRP().register(model)
     assert_restored(model, before)
     AttnLRP().register(model.eval())
+
+
+def test_canonizer_failing_midway_leaves_no_ops_behind():
+    '''If a canonizer fails after inserting its op modules, they are removed before the error propagates.'''
+    from zennit_attn.canonizers import MultiheadAttentionCanonizer
+
+    class Failing(MultiheadAttentionCanonizer):
+        def make_roles(self, module):
+            raise AttributeError('no out_proj here')
+
+    model = make_vit('tiny', dtype=torch.float32)
+    before = snapshot(model)
+    with pytest.raises(AttributeError, match='no out_proj here'):
+        Failing().apply(model)
+    assert_restored(model, before)

@@ -497,3 +497,26 @@ def test_coverage_lint_finds_no_unhooked_op(kind, composite_type):
         wrapper = EmbeddingsForward(model, attention_mask=attention_mask, token_type_ids=token_type_ids)
         report = check(wrapper, composite_type(), embeds)
     assert report.ok, str(report)
+
+
+def test_two_families_in_one_model_are_both_restored():
+    '''A model holding a BERT and a LLaMA (both sdpa) gets both attention implementations back after removal.'''
+    from transformers import LlamaConfig, LlamaModel
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = make_model('bert', attn='sdpa')
+            self.llama = LlamaModel(LlamaConfig(
+                vocab_size=40, hidden_size=16, intermediate_size=20, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, attn_implementation='sdpa',
+            )).double().eval()
+
+    model = Pair()
+    before = snapshot(model)
+    composite = AttnLRP()
+    composite.register(model)
+    assert model.bert.config._attn_implementation == 'eager' and model.llama.config._attn_implementation == 'eager'
+    composite.remove()
+    assert model.bert.config._attn_implementation == 'sdpa' and model.llama.config._attn_implementation == 'sdpa'
+    assert_restored(model, before)
