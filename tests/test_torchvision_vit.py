@@ -11,6 +11,7 @@ from zennit_attn import layers
 from zennit_attn.canonizers import VisionTransformerCanonizer
 from zennit_attn.composites import AttnLRP, AttnLRPViT, CPLRP, CPLRPViT, UnsupportedModelError
 
+from helpers import hooked_call_counts
 from oracle_vit import vit_oracle
 from restoration import assert_restored, relative_difference, snapshot
 
@@ -152,19 +153,10 @@ def test_every_hooked_module_called_once_per_forward():
     model = make_vit('uneven', dtype=torch.float32)
     composite = AttnLRPViT()
     with composite.context(model):
-        hooked = {id(module): name for name, module in model.named_modules() if module._forward_pre_hooks}
-        counts = dict.fromkeys(hooked, 0)
-
-        def count(module, args):
-            counts[id(module)] += 1
-
-        handles = [module.register_forward_pre_hook(count) for module in model.modules() if id(module) in hooked]
-        model(image(model, dtype=torch.float32))
-        for handle in handles:
-            handle.remove()
+        counts = hooked_call_counts(model, lambda: model(image(model, dtype=torch.float32)))
     assert len(counts) > 20
     # the mask sum only runs when a mask is passed (torchvision's ViT passes none)
-    wrong = {hooked[key]: value for key, value in counts.items() if value != int(not hooked[key].endswith('_mask'))}
+    wrong = {name: value for name, value in counts.items() if value != int(not name.endswith('_mask'))}
     assert wrong == {}
 
 

@@ -19,6 +19,7 @@ from zennit_attn.canonizers import detect_canonizers  # noqa: E402
 from zennit_attn.composites import AttentionComposite, AttnLRP, AttnLRPViT, CPLRP  # noqa: E402
 from zennit_attn.rules import Epsilon, Gamma  # noqa: E402
 
+from helpers import hooked_call_counts  # noqa: E402
 from oracle_decoders import decoder_logits, decoder_oracle, gpt2_oracle  # noqa: E402
 from restoration import assert_restored, relative_difference, snapshot  # noqa: E402
 
@@ -202,18 +203,11 @@ def test_registered_model_structure(family):
             assert isinstance(layer.attnlrp_residual_attention, layers.Sum)
             for name in ('q_proj', 'k_proj', 'v_proj', 'o_proj'):
                 assert composite.roles[getattr(attention, name)] == 'attention_projection'
-        hooked = {id(module): name for name, module in model.named_modules() if module._forward_pre_hooks}
-        counts = dict.fromkeys(hooked, 0)
-
-        def count(module, args):
-            counts[id(module)] += 1
-
-        handles = [module.register_forward_pre_hook(count) for module in model.modules() if id(module) in hooked]
-        model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
-        for handle in handles:
-            handle.remove()
+        counts = hooked_call_counts(
+            model, lambda: model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        )
     assert len(counts) > 30
-    assert {hooked[key]: value for key, value in counts.items() if value != 1} == {}
+    assert {name: value for name, value in counts.items() if value != 1} == {}
     assert model.config._attn_implementation == 'sdpa'
 
 
@@ -345,18 +339,11 @@ def test_gpt2_registered_model_structure():
             assert composite.roles[block.attn.c_attn] == composite.roles[block.attn.c_proj] == 'attention_projection'
             assert isinstance(composite.mapping(None, '', block.mlp.c_fc), Epsilon)
             assert type(composite.mapping(None, '', block.mlp.act)).__name__ == 'IdentityRule'
-        hooked = {id(module): name for name, module in model.named_modules() if module._forward_pre_hooks}
-        counts = dict.fromkeys(hooked, 0)
-
-        def count(module, args):
-            counts[id(module)] += 1
-
-        handles = [module.register_forward_pre_hook(count) for module in model.modules() if id(module) in hooked]
-        model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
-        for handle in handles:
-            handle.remove()
+        counts = hooked_call_counts(
+            model, lambda: model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        )
     assert len(counts) > 20
-    assert {hooked[key]: value for key, value in counts.items() if value != 1} == {}
+    assert {name: value for name, value in counts.items() if value != 1} == {}
     assert 'forward' not in vars(transformer.wpe)
     ids = torch.randint(0, VOCAB, (1, LENGTH))
     expected = model(input_ids=ids).logits

@@ -311,6 +311,15 @@ def _progress(total, enabled, description):
     return tqdm(total=total, disable=not enabled, desc=description, leave=False)
 
 
+def _method_results(collected, fractions):
+    '''Concatenate each method's per-batch MoRF/LeRF curves and compute its ABPC.'''
+    results = {}
+    for label, curves in collected.items():
+        morf, lerf = torch.cat(curves['morf']), torch.cat(curves['lerf'])
+        results[label] = MethodResult(morf=morf, lerf=lerf, abpc=abpc(morf, lerf, fractions))
+    return results
+
+
 def evaluate(
     model, samples, targets, methods, batch_size=16, steps=20, granularity='pixel', patch_size=None,
     baseline_value=0., include_random=True, random_seed=0, progress=True, description='faithfulness',
@@ -360,10 +369,7 @@ def evaluate(
                     )
                     collected[label][order].append(curves)
                 bar.update(1)
-    results = {}
-    for label, curves in collected.items():
-        morf, lerf = torch.cat(curves['morf']), torch.cat(curves['lerf'])
-        results[label] = MethodResult(morf=morf, lerf=lerf, abpc=abpc(morf, lerf, fractions))
+    results = _method_results(collected, fractions)
     metadata = dict(
         samples=count, steps=steps, granularity=granularity, patch_size=patch_size, baseline_value=baseline_value,
         random_seed=random_seed, input_shape=list(samples.shape[1:]),
@@ -404,10 +410,7 @@ def evaluate_tokens(
                     )
                     collected[label][order].append(curves)
                 bar.update(1)
-    results = {}
-    for label, curves in collected.items():
-        morf, lerf = torch.cat(curves['morf']), torch.cat(curves['lerf'])
-        results[label] = MethodResult(morf=morf, lerf=lerf, abpc=abpc(morf, lerf, fractions))
+    results = _method_results(collected, fractions)
     metadata = dict(samples=count, steps=steps, granularity='token', baseline_value=0., random_seed=random_seed)
     return FaithfulnessResults(fractions=fractions, methods=results, metadata=metadata)
 
