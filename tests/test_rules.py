@@ -1208,3 +1208,23 @@ def test_valid_padding_convolution_equals_zennit_and_unbatched_input_is_refused(
     rules.Epsilon().register(module)
     with pytest.raises(ValueError, match='Epsilon on Conv2d: expected a batched input with 4 dimensions'):
         module(torch.randn(2, 6, 6, dtype=torch.float64, requires_grad=True))
+
+
+def test_tensors_computed_from_parameters_are_constants():
+    '''A learned query ``param.expand(...)`` is a constant: the input operand of the product gets all relevance.'''
+    torch.manual_seed(0)
+    query = torch.nn.Parameter(torch.randn(1, 1, 4, dtype=torch.float64))
+    product = layers.MatMul()
+    rules.MatMulRule(epsilon=1e-12).register(product)
+    x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    hidden = x * 2.  # an input-dependent tensor that is not a leaf
+    output = product(query.expand(3, 1, 4), hidden.transpose(-1, -2))
+    (relevance,) = torch.autograd.grad(output, hidden, output)
+    assert torch.allclose(relevance.sum(), output.sum(), rtol=1e-9)
+    (direct,) = torch.autograd.grad(product(query, hidden.transpose(-1, -2)), hidden, output)
+    assert torch.allclose(relevance, direct, rtol=1e-9)
+    # a query that mixes in the input is variable: the two operands share the relevance
+    mixed = product(query.expand(3, 1, 4) + hidden[:, :1], hidden.transpose(-1, -2))
+    (shared,) = torch.autograd.grad(mixed, hidden, mixed)
+    (only_key,) = torch.autograd.grad(product(query.expand(3, 1, 4), hidden.transpose(-1, -2)), hidden, mixed)
+    assert not torch.allclose(shared, only_key)

@@ -6,9 +6,8 @@ its parameters. Each returns one relevance per positional tensor argument of the
 Operands that are constants (tensors that do not require a gradient, and :py:class:`torch.nn.Parameter` objects such
 as learned position embeddings) receive no relevance: their share is absorbed like a bias, and for bilinear operations
 the other operand then receives the full, unhalved relevance.
-A tensor computed from parameters alone (``param.expand(...)``, ``param[:, :n]``) still requires a gradient and
-counts as input-dependent, which halves the other operand's share in products: pass the parameter itself, or
-``.detach()`` such a tensor, when it is a constant.
+Tensors computed from parameters alone (``param.expand(...)``, ``param[:, :n]``) are constants too: the rules
+follow their autograd graph back to its leaves.
 '''
 import torch
 from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
@@ -36,9 +35,42 @@ def _unbroadcast(tensor, shape):
     return tensor.sum_to_size(shape)
 
 
+_VARIABLE_KEY = 'zennit_attn_variable'
+
+
+def _node_is_variable(root):
+    '''Whether the autograd node ``root`` depends on a leaf that is not a parameter (i.e. on the model input).
+
+    A post-order walk that stops at leaves and at rule nodes (which know whether their inputs were variable) and caches
+    the answer in each node's ``metadata``, so a whole forward costs one pass over the graph.
+    '''
+    stack = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if node is None or _VARIABLE_KEY in node.metadata:
+            continue
+        kind = type(node).__name__
+        if kind == 'AccumulateGrad':
+            node.metadata[_VARIABLE_KEY] = not isinstance(node.variable, torch.nn.Parameter)
+        elif kind == '_RelevanceFunctionBackward':
+            node.metadata[_VARIABLE_KEY] = any(node.variable)
+        elif expanded:
+            node.metadata[_VARIABLE_KEY] = any(
+                child is not None and child.metadata.get(_VARIABLE_KEY, False) for child, _ in node.next_functions
+            )
+        else:
+            stack.append((node, True))
+            stack.extend((child, False) for child, _ in node.next_functions)
+    return root.metadata[_VARIABLE_KEY]
+
+
 def _is_variable(tensor):
-    '''Whether ``tensor`` is input dependent, i.e. requires a gradient and is not a parameter (which is constant).'''
-    return isinstance(tensor, torch.Tensor) and tensor.requires_grad and not isinstance(tensor, torch.nn.Parameter)
+    '''Whether ``tensor`` depends on the model input: it requires a gradient and is neither a parameter nor computed
+    from parameters alone (e.g. ``param.expand(...)``), which are constants.
+    '''
+    if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad or isinstance(tensor, torch.nn.Parameter):
+        return False
+    return tensor.grad_fn is None or _node_is_variable(tensor.grad_fn)
 
 
 class _RelevanceFunction(torch.autograd.Function):
