@@ -33,7 +33,7 @@ from ... import layers
 from ..base import ForwardCanonizer
 from ..group import CanonizerGroup
 from .. import register_family
-from .common import EagerAttentionCanonizer, attention_ops
+from .common import EagerAttentionCanonizer, additive_mask, attention_ops
 
 
 __all__ = [
@@ -75,23 +75,6 @@ RESIDUAL_OUTPUTS = _classes('SelfOutput') + _classes('Output')
 #: RoBERTa-style heads with an inline ``torch.tanh`` / a module-level ``gelu``
 CLASSIFICATION_HEADS = tuple(cls for cls in _classes('ClassificationHead') if not cls.__name__.startswith('Electra'))
 LM_HEADS = _classes('LMHead')
-
-
-def additive_mask(attention_mask, dtype):
-    '''The eager additive form of a 4-D attention mask: float masks are returned as they are (cast to ``dtype``),
-    boolean masks (``True`` = attend, the ``sdpa`` format) become ``0`` / ``finfo(dtype).min``; ``None`` stays None.
-    '''
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, torch.Tensor):
-        raise NotImplementedError(
-            f'attention mask of type {type(attention_mask).__name__} (e.g. a flex-attention BlockMask) is not '
-            'supported by the zennit-attn canonizers; load the model with attn_implementation="eager" or "sdpa".'
-        )
-    if attention_mask.dtype == torch.bool:
-        zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
-        return torch.where(attention_mask, zero, torch.finfo(dtype).min)
-    return attention_mask.to(dtype)
 
 
 class BertEmbeddingsCanonizer(ForwardCanonizer):

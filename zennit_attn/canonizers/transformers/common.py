@@ -1,4 +1,5 @@
 '''Pieces shared by the Hugging Face canonizers.'''
+import torch
 from zennit.canonizers import Canonizer
 
 from ... import layers
@@ -19,6 +20,28 @@ def attention_ops(scale, softmax_dtype=None, score_ops=None):
         context=layers.AttentionContext(),
     )
     return ops
+
+
+def additive_mask(attention_mask, dtype, floor=None):
+    '''The eager additive form of a 4-D attention mask: boolean masks (``True`` = attend, the ``sdpa`` format) become
+    ``0`` / ``finfo(dtype).min``, float masks are cast to ``dtype``; ``None`` stays None.
+
+    With ``floor`` (e.g. float32's minimum), mask values below it are raised to it: float64 models fill masks with
+    float64's minimum, which turns into -inf in a float32 softmax and gives NaN for fully masked rows.
+    '''
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise NotImplementedError(
+            f'attention mask of type {type(attention_mask).__name__} (e.g. a flex-attention BlockMask) is not '
+            'supported by the zennit-attn canonizers; load the model with attn_implementation="eager" or "sdpa".'
+        )
+    if attention_mask.dtype == torch.bool:
+        fill = torch.finfo(dtype).min if floor is None else max(torch.finfo(dtype).min, floor)
+        return torch.where(attention_mask, torch.zeros((), dtype=dtype, device=attention_mask.device), fill)
+    if floor is not None and torch.finfo(attention_mask.dtype).min < floor:
+        attention_mask = attention_mask.clamp(min=floor)
+    return attention_mask.to(dtype)
 
 
 class EagerAttentionCanonizer(Canonizer):

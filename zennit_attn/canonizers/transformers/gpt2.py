@@ -24,7 +24,7 @@ from ... import layers
 from .. import register_family
 from ..base import ForwardCanonizer
 from ..group import CanonizerGroup
-from .common import EagerAttentionCanonizer, attention_ops
+from .common import EagerAttentionCanonizer, additive_mask, attention_ops
 
 
 __all__ = ['GPT2ModelCanonizer', 'GPT2BlockCanonizer', 'GPT2AttentionCanonizer', 'GPT2Canonizer']
@@ -159,12 +159,7 @@ class GPT2AttentionCanonizer(ForwardCanonizer):
 
         scores = ops['scores'](query, key.transpose(-1, -2))
         if attention_mask is not None:
-            mask = attention_mask[:, :, :, :key.shape[-2]]
-            if mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill(
-                    ~mask, torch.finfo(scores.dtype).min
-                )
-            scores = ops['mask'](scores, mask)
+            scores = ops['mask'](scores, additive_mask(attention_mask, scores.dtype)[:, :, :, :key.shape[-2]])
         probabilities = ops['softmax'](scores).type(value.dtype)
         dropout = module.attn_dropout.p if module.training else 0.0
         dropped = F.dropout(probabilities, p=dropout, training=module.training) if dropout else probabilities

@@ -38,7 +38,7 @@ from ... import layers
 from .. import register_family
 from ..base import ForwardCanonizer
 from ..group import CanonizerGroup
-from .common import EagerAttentionCanonizer, attention_ops
+from .common import EagerAttentionCanonizer, additive_mask, attention_ops
 
 from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
@@ -225,23 +225,12 @@ class DecoderAttentionCanonizer(TypedForwardCanonizer):
         if 'softcap_tanh' in ops:
             scores = ops['softcap_multiply'](ops['softcap_tanh'](ops['softcap_divide'](scores)))
         if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor):
-                raise TypeError(
-                    f'{type(module).__name__} (canonized): expected an additive eager attention mask tensor, got '
-                    f'{type(attention_mask).__name__}; is the model\'s attention implementation overridden?'
-                )
-            mask = attention_mask[:, :, :, :key.shape[-2]]
             # float64 models: the eager mask holds float64's minimum, which becomes -inf in the float32 softmax, so
             # the fully masked rows of left-padding queries turn NaN in transformers and the NaN spreads to every
             # token through the next layer. Flooring at float32's minimum changes nothing else (exp still underflows
             # to exactly 0), so unpadded outputs stay bit-identical.
-            floor = torch.finfo(torch.float32).min
-            if mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill(
-                    ~mask, max(torch.finfo(scores.dtype).min, floor)
-                )
-            elif mask.is_floating_point() and torch.finfo(mask.dtype).min < floor:
-                mask = mask.clamp(min=floor)
+            mask = additive_mask(attention_mask, scores.dtype, floor=torch.finfo(torch.float32).min)
+            mask = mask[:, :, :, :key.shape[-2]]
             scores = ops['mask'](scores, mask)
 
         probabilities = ops['softmax'](scores).to(query.dtype)

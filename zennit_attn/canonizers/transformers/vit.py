@@ -24,8 +24,7 @@ from ... import layers
 from ..base import ForwardCanonizer
 from ..group import CanonizerGroup
 from .. import register_family
-from .bert import additive_mask
-from .common import EagerAttentionCanonizer
+from .common import EagerAttentionCanonizer, additive_mask
 
 
 __all__ = ['ViTEmbeddingsCanonizer', 'ViTAttentionCanonizer', 'ViTLayerCanonizer', 'ViTCanonizer']
