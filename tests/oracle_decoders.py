@@ -165,16 +165,22 @@ def decoder_logits(model, inputs_embeds, attention_mask, position_ids, cp_lrp=Fa
     return logits
 
 
-def decoder_oracle(model, inputs_embeds, attention_mask, position_ids, target, cp_lrp=False):
-    '''Relevance ``x * g`` at ``inputs_embeds``, ``g`` the modified gradient of the logit ``target`` (one per batch
-    row) at the last position; equals LRP seeded with ``logit * onehot(target)``. Returns (relevance, logits).
+def last_logit_oracle(logits_fn, model, inputs_embeds, attention_mask, position_ids, target, cp_lrp=False):
+    '''Relevance ``x * g`` at ``inputs_embeds``, ``g`` the modified gradient (through ``logits_fn``) of the logit
+    ``target`` (one per batch row) at the last position; equals LRP seeded with ``logit * onehot(target)``.
+    Returns (relevance, logits).
     '''
     x = inputs_embeds.detach().clone().requires_grad_(True)
-    logits = decoder_logits(model, x, attention_mask, position_ids, cp_lrp=cp_lrp)[:, -1]
+    logits = logits_fn(model, x, attention_mask, position_ids, cp_lrp=cp_lrp)[:, -1]
     seed = torch.zeros_like(logits)
     seed[torch.arange(len(target)), target] = 1.
     (grad,) = torch.autograd.grad(logits, x, grad_outputs=seed)
     return x.detach() * grad, logits.detach()
+
+
+def decoder_oracle(*args, **kwargs):
+    '''The oracle of the LLaMA-style families (see :py:func:`last_logit_oracle`).'''
+    return last_logit_oracle(decoder_logits, *args, **kwargs)
 
 
 def layer_norm_detached(x, norm):
@@ -220,11 +226,6 @@ def gpt2_logits(model, inputs_embeds, attention_mask, position_ids, cp_lrp=False
     return F.linear(h, model.lm_head.weight)
 
 
-def gpt2_oracle(model, inputs_embeds, attention_mask, position_ids, target, cp_lrp=False):
-    '''As :py:func:`decoder_oracle`, for GPT-2.'''
-    x = inputs_embeds.detach().clone().requires_grad_(True)
-    logits = gpt2_logits(model, x, attention_mask, position_ids, cp_lrp=cp_lrp)[:, -1]
-    seed = torch.zeros_like(logits)
-    seed[torch.arange(len(target)), target] = 1.
-    (grad,) = torch.autograd.grad(logits, x, grad_outputs=seed)
-    return x.detach() * grad, logits.detach()
+def gpt2_oracle(*args, **kwargs):
+    '''The oracle of GPT-2 (see :py:func:`last_logit_oracle`).'''
+    return last_logit_oracle(gpt2_logits, *args, **kwargs)
