@@ -42,3 +42,18 @@ def hooked_call_counts(model, run):
         for handle in handles:
             handle.remove()
     return {hooked[key]: value for key, value in counts.items()}
+
+
+ATTENTION_CHAIN = ('attnlrp_scores', 'attnlrp_mask', 'attnlrp_softmax', 'attnlrp_context')
+
+
+def expected_calls(name, fused, masked=True):
+    '''Calls per forward of the hooked module ``name``: the fused attention core runs instead of the unfolded chain
+    (or the chain instead of the core), the mask sum only with a mask, everything else once.
+    '''
+    last = name.rsplit('.', 1)[-1]
+    if last == 'attnlrp_attention':
+        return int(fused)
+    if last in ATTENTION_CHAIN:
+        return int(not fused and (masked or last != 'attnlrp_mask'))
+    return 1

@@ -60,7 +60,7 @@ def test_books_balance_on_a_vit(composite_type):
 
 def test_rows_show_where_relevance_is_absorbed():
     model = perturbed_vit()
-    report = conservation_report(model, AttnLRP(epsilon=1e-12), image(model), seed_fn(model))
+    report = conservation_report(model, AttnLRP(epsilon=1e-12, fused_attention=False), image(model), seed_fn(model))
     rows = {row.name: row for row in report.modules}
     # backward order: the head first, the patch embedding last; each module called once
     assert report.modules[0].name == 'heads.head' and report.modules[-1].name == 'conv_proj'
@@ -81,6 +81,29 @@ def test_rows_show_where_relevance_is_absorbed():
     assert '... ' in top and len(top.splitlines()) == 2 + 1 + 3 + 1 + 4
     with pytest.raises(ValueError, match='sort'):
         report.format(sort='name')
+
+
+def test_fused_attention_absorbs_what_the_unfolded_chain_absorbs():
+    '''The fused attention core's row sums the rows of the unfolded scores, softmax and context (the only absorber among
+    them is the softmax), and every other row is unchanged.
+    '''
+    model = perturbed_vit()
+    reports = {
+        fused: conservation_report(model, AttnLRP(epsilon=1e-12, fused_attention=fused), image(model), seed_fn(model))
+        for fused in (True, False)
+    }
+    fused, unfolded = ({row.name: row for row in reports[key].modules} for key in (True, False))
+    attention = 'encoder.layers.encoder_layer_0.self_attention'
+    core = fused[f'{attention}.attnlrp_attention']
+    assert core.rule == 'AttentionRule' and abs(core.absorbed) > 1e-3
+    chain = [unfolded[f'{attention}.attnlrp_{name}'] for name in ('scores', 'softmax', 'context')]
+    assert core.relevance_in == pytest.approx(chain[-1].relevance_in, rel=1e-9)
+    assert core.absorbed == pytest.approx(sum(row.absorbed for row in chain), rel=1e-8, abs=1e-12)
+    shared = fused.keys() & unfolded.keys()
+    assert len(shared) == len(fused) - 2  # all but the two attention cores
+    for name in shared:
+        assert fused[name].relevance_in == pytest.approx(unfolded[name].relevance_in, rel=1e-8, abs=1e-12)
+    assert reports[True].input_relevance == pytest.approx(reports[False].input_relevance, rel=1e-8)
 
 
 def test_cp_lrp_is_conservative_on_a_bias_free_vit():

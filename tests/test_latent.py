@@ -15,7 +15,8 @@ from test_torchvision_vit import attribute, image, make_vit
 TARGET = torch.tensor([1, 3])
 BLOCK = 'encoder.layers.encoder_layer_0'
 LAST = 'encoder.layers.encoder_layer_1'
-CONTEXT = f'{BLOCK}.self_attention.attnlrp_context'
+# the fused attention core's output is the attention context
+CONTEXT = f'{BLOCK}.self_attention.attnlrp_attention'
 
 
 def vit_without_fc2_bias():
@@ -64,7 +65,7 @@ def test_residual_stream_of_the_last_block_is_what_flows_into_the_final_norm():
 
 def test_per_head_relevance_of_the_attention_context():
     model = make_vit('tiny')
-    with record_relevance(model, ['*.attnlrp_context', f'{BLOCK}.self_attention.out_proj']) as recorded:
+    with record_relevance(model, ['*.attnlrp_attention', f'{BLOCK}.self_attention.out_proj']) as recorded:
         attribute(model, AttnLRP(epsilon=1e-12), image(model), TARGET)
     context = recorded[CONTEXT]
     batch, heads, tokens, head_dim = context.shape
@@ -73,7 +74,7 @@ def test_per_head_relevance_of_the_attention_context():
     assert torch.allclose(per_head(merged, num_heads=heads), per_head(context), rtol=1e-12)
     assert per_head(context).sum().item() == pytest.approx(context.sum().item(), rel=1e-12)
     assert per_head(context, keep_batch=True).shape == (batch, heads)
-    # the context op (matmul rule) conserves what arrives at the output projection's output... up to its ε-rule
+    # the context (the attention core's output) carries what arrives at the output projection's output, up to its ε
     assert per_head(context).sum().item() == pytest.approx(
         recorded[f'{BLOCK}.self_attention.out_proj'].sum().item(), rel=1e-6
     )

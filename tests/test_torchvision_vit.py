@@ -11,7 +11,7 @@ from zennit_attn import layers
 from zennit_attn.canonizers import VisionTransformerCanonizer
 from zennit_attn.composites import AttnLRP, AttnLRPViT, CPLRP, CPLRPViT, UnsupportedModelError
 
-from helpers import hooked_call_counts
+from helpers import expected_calls, hooked_call_counts
 from oracle_vit import vit_oracle
 from restoration import assert_restored, relative_difference, snapshot
 
@@ -57,13 +57,16 @@ def attribute(model, composite, x, target):
 
 @pytest.mark.parametrize('config', sorted(SMALL_CONFIGS))
 @pytest.mark.parametrize('composite_type,cp_lrp', [(AttnLRP, False), (CPLRP, True)])
-def test_relevance_matches_oracle_on_small_vits(config, composite_type, cp_lrp):
-    '''AttnLRP/CP-LRP relevance equals the hand-written modified gradient × input (float64, ε tiny).'''
+@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'unfolded'])
+def test_relevance_matches_oracle_on_small_vits(config, composite_type, cp_lrp, fused):
+    '''AttnLRP/CP-LRP relevance equals the hand-written modified gradient × input (float64, ε tiny), with the fused
+    attention core and with the unfolded chain.
+    '''
     model = make_vit(config)
     x = image(model)
     target = torch.tensor([1, 3])
     expected, logits = vit_oracle(model, x, target, cp_lrp=cp_lrp)
-    output, relevance = attribute(model, composite_type(epsilon=1e-12), x, target)
+    output, relevance = attribute(model, composite_type(epsilon=1e-12, fused_attention=fused), x, target)
     assert torch.allclose(output, logits, rtol=1e-10, atol=1e-10)
     assert relative_difference(relevance, expected) < 1e-6
 
@@ -148,15 +151,18 @@ def test_registered_model_structure():
         assert isinstance(model.encoder.layers[1].attnlrp_residual_mlp, layers.Sum)
 
 
-def test_every_hooked_module_called_once_per_forward():
-    '''One module instance per call site: each hooked module runs exactly once per forward.'''
+@pytest.mark.parametrize('fused', [True, False])
+def test_every_hooked_module_called_once_per_forward(fused):
+    '''One module instance per call site: each hooked module runs exactly once per forward (the fused attention core or
+    the unfolded chain; the mask sum only with a mask, and torchvision's ViT passes none).
+    '''
     model = make_vit('uneven', dtype=torch.float32)
-    composite = AttnLRPViT()
+    composite = AttnLRPViT(fused_attention=fused)
     with composite.context(model):
         counts = hooked_call_counts(model, lambda: model(image(model, dtype=torch.float32)))
     assert len(counts) > 20
-    # the mask sum only runs when a mask is passed (torchvision's ViT passes none)
-    wrong = {name: value for name, value in counts.items() if value != int(not name.endswith('_mask'))}
+    assert sum(name.endswith('attnlrp_attention') for name in counts) == (3 if fused else 0)
+    wrong = {name: value for name, value in counts.items() if value != expected_calls(name, fused, masked=False)}
     assert wrong == {}
 
 

@@ -201,15 +201,16 @@ def test_removal_after_exception_inside_context():
 
 @pytest.mark.parametrize('kind', ['bert', 'roberta'])
 @pytest.mark.parametrize('composite_type,cp_lrp', [(AttnLRP, False), (CPLRP, True)])
-def test_text_relevance_matches_oracle(kind, composite_type, cp_lrp):
-    '''Padding mask and token_type_ids included; float64, ε tiny.'''
+@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'unfolded'])
+def test_text_relevance_matches_oracle(kind, composite_type, cp_lrp, fused):
+    '''Padding mask and token_type_ids included; float64, ε tiny; fused attention core and unfolded chain.'''
     model = make_model(kind)
     input_ids, attention_mask, token_type_ids = text_batch(kind)
     tt = token_type_ids if kind == 'bert' else None
     target = torch.tensor([1, 2])
     expected, logits = text_oracle(model, input_ids, attention_mask, tt, target, cp_lrp=cp_lrp)
-    result = token_relevance(model, composite_type(epsilon=1e-12), input_ids, attention_mask, target=target,
-                             token_type_ids=tt)
+    result = token_relevance(model, composite_type(epsilon=1e-12, fused_attention=fused), input_ids, attention_mask,
+                             target=target, token_type_ids=tt)
     assert torch.allclose(result.logits, logits, rtol=1e-10, atol=1e-10)
     assert relative_difference(result.embedding_relevance, expected) < 1e-6
     assert torch.allclose(result.relevance, expected.sum(-1), atol=1e-6 * expected.abs().max().item())
@@ -218,12 +219,13 @@ def test_text_relevance_matches_oracle(kind, composite_type, cp_lrp):
 
 
 @pytest.mark.parametrize('composite_type,cp_lrp', [(AttnLRP, False), (CPLRP, True)])
-def test_vit_relevance_matches_oracle(composite_type, cp_lrp):
+@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'unfolded'])
+def test_vit_relevance_matches_oracle(composite_type, cp_lrp, fused):
     model = make_model('vit')
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     weight = onehot([1, 4], 5)
     expected, logits = oracle_relevance(lambda v: vit_logits(model, v, cp_lrp=cp_lrp), x, weight)
-    with Gradient(LogitsOnly(model), composite_type(epsilon=1e-12)) as attributor:
+    with Gradient(LogitsOnly(model), composite_type(epsilon=1e-12, fused_attention=fused)) as attributor:
         output, relevance = attributor(x, lambda y: y.detach() * weight)
     assert torch.allclose(output, logits, rtol=1e-10, atol=1e-10)
     assert relative_difference(relevance, expected) < 1e-6

@@ -19,7 +19,7 @@ from zennit_attn.canonizers import detect_canonizers  # noqa: E402
 from zennit_attn.composites import AttentionComposite, AttnLRP, AttnLRPViT, CPLRP  # noqa: E402
 from zennit_attn.rules import Epsilon, Gamma  # noqa: E402
 
-from helpers import hooked_call_counts  # noqa: E402
+from helpers import expected_calls, hooked_call_counts  # noqa: E402
 from oracle_decoders import decoder_logits, decoder_oracle, gpt2_oracle  # noqa: E402
 from restoration import assert_restored, relative_difference, snapshot  # noqa: E402
 
@@ -107,15 +107,19 @@ def attribute(model, composite, embeds, mask, positions, target=TARGET, **kwargs
 
 @pytest.mark.parametrize('family', FAMILY_NAMES)
 @pytest.mark.parametrize('composite_type,cp_lrp', [(AttnLRP, False), (CPLRP, True)], ids=['attnlrp', 'cp_lrp'])
-def test_relevance_matches_oracle(family, composite_type, cp_lrp):
+@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'unfolded'])
+def test_relevance_matches_oracle(family, composite_type, cp_lrp, fused):
     '''AttnLRP / CP-LRP relevance at the input embeddings equals the hand-written modified gradient × input (float64,
-    left-padded batch, sliding windows shorter than the sequence where the family has them).
+    left-padded batch, sliding windows shorter than the sequence where the family has them), with the fused attention
+    core and with the unfolded chain.
     '''
     model = make_model(family)
     embeds, mask, positions = inputs(model)
     oracle = gpt2_oracle if family == 'gpt2' else decoder_oracle
     expected, logits = oracle(model, embeds, mask, positions, TARGET, cp_lrp=cp_lrp)
-    output, relevance = attribute(model, composite_type(epsilon=1e-12), embeds, mask, positions)
+    output, relevance = attribute(
+        model, composite_type(epsilon=1e-12, fused_attention=fused), embeds, mask, positions
+    )
     assert torch.allclose(output, logits, rtol=1e-10, atol=1e-10)
     assert relative_difference(relevance, expected) < 1e-6
     assert (relevance[1, :2] == 0).all()  # padding tokens
@@ -198,6 +202,9 @@ def test_registered_model_structure(family):
             assert attention.attnlrp_scores.scale == attention.scaling
             assert isinstance(attention.attnlrp_softmax, layers.AttentionSoftmax)
             assert attention.attnlrp_softmax.dtype == torch.float32
+            assert isinstance(attention.attnlrp_attention, layers.AttentionCore)
+            assert attention.attnlrp_attention.softmax_dtype == torch.float32
+            assert attention.attnlrp_attention.scale == attention.scaling
             assert attention.attnlrp_rope_query is not attention.attnlrp_rope_key
             assert isinstance(layer.mlp.attnlrp_product, layers.GatedProduct)
             assert isinstance(layer.attnlrp_residual_attention, layers.Sum)
@@ -207,7 +214,7 @@ def test_registered_model_structure(family):
             model, lambda: model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         )
     assert len(counts) > 30
-    assert {name: value for name, value in counts.items() if value != 1} == {}
+    assert {name: value for name, value in counts.items() if value != expected_calls(name, fused=True)} == {}
     assert model.config._attn_implementation == 'sdpa'
 
 
@@ -335,6 +342,7 @@ def test_gpt2_registered_model_structure():
         for block in transformer.h:
             assert isinstance(block.attn.attnlrp_scores, layers.AttentionScores)
             assert block.attn.attnlrp_scores.scale == block.attn.scaling
+            assert isinstance(block.attn.attnlrp_attention, layers.AttentionCore)
             assert isinstance(block.attnlrp_residual_mlp, layers.Sum)
             assert composite.roles[block.attn.c_attn] == composite.roles[block.attn.c_proj] == 'attention_projection'
             assert isinstance(composite.mapping(None, '', block.mlp.c_fc), Epsilon)
@@ -343,7 +351,7 @@ def test_gpt2_registered_model_structure():
             model, lambda: model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         )
     assert len(counts) > 20
-    assert {name: value for name, value in counts.items() if value != 1} == {}
+    assert {name: value for name, value in counts.items() if value != expected_calls(name, fused=True)} == {}
     assert 'forward' not in vars(transformer.wpe)
     ids = torch.randint(0, VOCAB, (1, LENGTH))
     expected = model(input_ids=ids).logits

@@ -7,8 +7,8 @@ from zennit.types import Convolution
 from . import layers, types
 from .canonizers import detect_canonizers
 from .rules import (
-    CPMatMulRule, CPProductRule, Epsilon, Gamma, IdentityRule, LayerNormRule, MatMulRule, MeanRule, ProductRule,
-    RMSNormRule, RoPERule, SoftmaxRule, StopRule, SumRule,
+    AttentionRule, CPAttentionRule, CPMatMulRule, CPProductRule, Epsilon, Gamma, IdentityRule, LayerNormRule,
+    MatMulRule, MeanRule, ProductRule, RMSNormRule, RoPERule, SoftmaxRule, StopRule, SumRule,
 )
 
 
@@ -22,6 +22,7 @@ class UnsupportedModelError(TypeError):
 def attnlrp_layer_map(epsilon=1e-6):
     '''The AttnLRP layer map (ATTNLRP.md §2): ε on Linear/Conv, AttnLRP rules on the unfolded operations.'''
     return [
+        (layers.AttentionCore, AttentionRule(epsilon=epsilon)),
         (layers.MatMul, MatMulRule(epsilon=epsilon)),
         (types.Softmax, SoftmaxRule()),
         (layers.Sum, SumRule(epsilon=epsilon)),
@@ -39,6 +40,7 @@ def attnlrp_layer_map(epsilon=1e-6):
 def cp_lrp_layer_map(epsilon=1e-6):
     '''CP-LRP inside attention (attention probabilities and gates constant); AttnLRP elsewhere.'''
     return [
+        (layers.AttentionCore, CPAttentionRule(epsilon=epsilon)),
         (layers.AttentionContext, CPMatMulRule(epsilon=epsilon, constant=0)),
         (layers.AttentionScores, StopRule()),
         (layers.AttentionMask, StopRule()),
@@ -73,12 +75,17 @@ class AttentionComposite(Composite):
         The user's mapping, which takes precedence over everything else.
     canonizers: list[:py:obj:`zennit.canonizers.Canonizer`], optional
         Canonizers to apply. ``None`` (default) detects the supported model families in the model at registration.
+    fused_attention: bool, optional
+        With detected canonizers: run each attention core as one :py:class:`~zennit_attn.layers.AttentionCore`, whose
+        rule recomputes scores and probabilities in the backward pass (default, least memory), or unfolded
+        (``False``), which makes the relevance of the scores and probabilities observable. Same relevance either way.
     '''
-    def __init__(self, layer_map, role_map=None, user_layer_map=None, canonizers=None):
+    def __init__(self, layer_map, role_map=None, user_layer_map=None, canonizers=None, fused_attention=True):
         self.layer_map = list(layer_map)
         self.role_map = dict(role_map or {})
         self.user_layer_map = list(user_layer_map or [])
         self.detect = canonizers is None
+        self.fused_attention = fused_attention
         self.roles = {}
         super().__init__(module_map=self.mapping, canonizers=canonizers)
 
@@ -96,7 +103,7 @@ class AttentionComposite(Composite):
         '''Apply the (detected) canonizers, check coverage and register the rules; on any error, restore the model.'''
         self.remove()
         try:
-            canonizers = detect_canonizers(module) if self.detect else self.canonizers
+            canonizers = detect_canonizers(module, fused=self.fused_attention) if self.detect else self.canonizers
             for canonizer in canonizers:
                 self.handles += canonizer.apply(module)
             self.roles = {}
@@ -172,9 +179,14 @@ class AttnLRP(AttentionComposite):
         The user's mapping, which takes precedence.
     canonizers: list[Canonizer], optional
         Canonizers to apply; ``None`` detects them.
+    fused_attention: bool, optional
+        Fused attention cores (default) or the unfolded chain, see :py:class:`AttentionComposite`.
     '''
-    def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, canonizers=None):
-        super().__init__(attnlrp_layer_map(epsilon), user_layer_map=layer_map, canonizers=canonizers)
+    def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, canonizers=None, fused_attention=True):
+        super().__init__(
+            attnlrp_layer_map(epsilon), user_layer_map=layer_map, canonizers=canonizers,
+            fused_attention=fused_attention,
+        )
 
 
 @register_composite('cp_lrp')
@@ -184,8 +196,11 @@ class CPLRP(AttentionComposite):
 
     Parameters are as for :py:class:`AttnLRP`.
     '''
-    def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, canonizers=None):
-        super().__init__(cp_lrp_layer_map(epsilon), user_layer_map=layer_map, canonizers=canonizers)
+    def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, canonizers=None, fused_attention=True):
+        super().__init__(
+            cp_lrp_layer_map(epsilon), user_layer_map=layer_map, canonizers=canonizers,
+            fused_attention=fused_attention,
+        )
 
 
 @register_composite('attnlrp_vit')
@@ -206,11 +221,14 @@ class AttnLRPViT(AttentionComposite):
         Canonizers to apply; ``None`` detects them.
     conv_gamma, linear_gamma: float, optional
         γ of the convolutions and of the Linear layers outside attention.
+    fused_attention: bool, optional
+        Fused attention cores (default) or the unfolded chain, see :py:class:`AttentionComposite`.
     '''
     attention_layer_map = staticmethod(attnlrp_layer_map)
 
     def __init__(
-        self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, canonizers=None, conv_gamma=0.25, linear_gamma=0.05
+        self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, canonizers=None, conv_gamma=0.25, linear_gamma=0.05,
+        fused_attention=True,
     ):
         self.conv_gamma = conv_gamma
         self.linear_gamma = linear_gamma
@@ -222,6 +240,7 @@ class AttnLRPViT(AttentionComposite):
             role_map={'attention_projection': Epsilon(epsilon=epsilon)},
             user_layer_map=layer_map,
             canonizers=canonizers,
+            fused_attention=fused_attention,
         )
 
 

@@ -141,6 +141,57 @@ class AttentionMask(Sum):
     '''Additive attention mask ``scores + mask`` (a :py:class:`Sum`; CP-LRP treats the scores as constant).'''
 
 
+class AttentionCore(torch.nn.Module):
+    '''The core of scaled dot-product attention in one module, ``softmax(scale * q @ k^T + mask) @ v``, computed with
+    the same torch expressions (and rounding) as the unfolded chain :py:class:`AttentionScores`,
+    :py:class:`AttentionMask`, :py:class:`AttentionSoftmax`, :py:class:`AttentionContext`.
+
+    One module lets one rule see the whole attention: it keeps ``q``, ``k``, ``v`` and the output and recomputes the
+    scores and probabilities block by block in the backward pass (like fused attention kernels do for the gradient),
+    instead of keeping two ``T x T`` matrices per layer. Called as ``(q, k, v)`` or ``(q, k, v, mask)``, with ``k`` not
+    transposed (as :py:func:`torch.nn.functional.scaled_dot_product_attention`) and an additive ``mask`` broadcastable
+    to the scores.
+
+    Parameters
+    ----------
+    scale: float, optional
+        Factor of the scores, e.g. ``1 / sqrt(head_dim)``.
+    scale_output: bool, optional
+        Compute the scores as ``(q @ k^T) * scale`` instead of ``(scale * q) @ k^T`` (see :py:class:`MatMul`).
+    softmax_dtype: :py:obj:`torch.dtype`, optional
+        Dtype in which the softmax is computed (as :py:class:`Softmax`); the probabilities are cast to the dtype of
+        ``v`` before the product.
+    '''
+    def __init__(self, scale=1.0, scale_output=False, softmax_dtype=None):
+        super().__init__()
+        self.scale = float(scale)
+        self.scale_output = scale_output
+        self.softmax_dtype = softmax_dtype
+
+    def scores(self, query, key, mask=None):
+        '''The (masked) attention scores ``scale * q @ k^T + mask``.'''
+        key = key.transpose(-1, -2)
+        if self.scale == 1.0:
+            scores = query @ key
+        elif self.scale_output:
+            scores = (query @ key) * self.scale
+        else:
+            scores = self.scale * query @ key
+        return scores if mask is None else scores + mask
+
+    def probabilities(self, query, key, mask=None, dtype=None):
+        '''The attention probabilities ``softmax(scale * q @ k^T + mask)``, in ``dtype`` (default: that of ``q``).'''
+        probabilities = torch.softmax(self.scores(query, key, mask), -1, dtype=self.softmax_dtype)
+        return probabilities.to(query.dtype if dtype is None else dtype)
+
+    def forward(self, query, key, value, mask=None):
+        '''Compute ``softmax(scale * q @ k^T + mask) @ v``.'''
+        return self.probabilities(query, key, mask, dtype=value.dtype) @ value
+
+    def extra_repr(self):
+        return f'scale={self.scale}, scale_output={self.scale_output}, softmax_dtype={self.softmax_dtype}'
+
+
 class GatedProduct(Product):
     '''Product ``gate * up`` of a gated MLP; the gate is the first argument (CP-LRP treats it as constant).'''
 

@@ -193,7 +193,8 @@ class RecordAttention:
     def __enter__(self):
         from .canonizers import VisionTransformerCanonizer
         try:
-            self.instances = VisionTransformerCanonizer().apply(self.vit)
+            # unfolded, so that the softmax modules produce the probabilities
+            self.instances = VisionTransformerCanonizer(fused=False).apply(self.vit)
             for module in self.vit.modules():
                 if isinstance(module, layers.AttentionSoftmax):
                     self.handles.append(module.register_forward_hook(self._record))

@@ -17,7 +17,8 @@ from .layers import rotate_half
 
 __all__ = [
     'AttnHook', 'IdentityRule', 'SoftmaxRule', 'MatMulRule', 'ProductRule', 'SumRule', 'LayerNormRule', 'RMSNormRule',
-    'RoPERule', 'MeanRule', 'CPMatMulRule', 'CPProductRule', 'StopRule', 'Epsilon', 'Gamma',
+    'RoPERule', 'MeanRule', 'CPMatMulRule', 'CPProductRule', 'StopRule', 'AttentionRule', 'CPAttentionRule', 'Epsilon',
+    'Gamma',
 ]
 
 
@@ -544,6 +545,146 @@ class StopRule(AttnHook):
 
     def relevance(self, module, inputs, output, relevance, variable):
         return (None,) * len(inputs)
+
+
+class AttentionRule(AttnHook):
+    '''AttnLRP for a whole :py:class:`~zennit_attn.layers.AttentionCore` ``O = softmax(c * q @ k^T + mask) @ v``: the
+    composition of the uniform-ε matmul rule on the context product, the bias-absorbing softmax rule, the ε-sum rule on
+    the additive mask and the uniform-ε matmul rule on the scores, i.e. exactly what :py:class:`MatMulRule`,
+    :py:class:`SoftmaxRule`, :py:class:`SumRule` and :py:class:`MatMulRule` give on the unfolded ops.
+
+    With ``S0 = c * q @ k^T``, ``S = S0 + mask``, ``P = softmax(S)`` and ``r = R / stab(O)``:
+    ``R_v = 1/2 * v * (P^T @ r)``, ``R_P = 1/2 * P * (r @ v^T)``, ``R_S = unmask(S) * (R_P - P * sum(R_P))``,
+    ``R_S0 = S0 * R_S / stab(S)`` (the mask absorbs its share), ``r0 = R_S0 / stab(S0)``,
+    ``R_q = 1/2 * q * (c * r0 @ k)`` and ``R_k = 1/2 * k * (c * r0^T @ q)``. Constant operands receive nothing and
+    their partner the unhalved share, as in the separate rules; the mask is always a constant.
+
+    Only ``q``, ``k``, ``v``, the mask and the output are kept; the scores and probabilities are recomputed in the
+    backward pass for blocks of queries at a time, so no ``T x T`` matrix of the whole layer is ever held.
+
+    Parameters
+    ----------
+    epsilon: callable or float, optional
+        Stabilizer of the output, the masked and the unmasked scores.
+    block_elements: int, optional
+        Number of score elements (batch x heads x queries x keys) recomputed at once in the backward pass; bounds
+        its temporary memory.
+    '''
+    def __init__(self, epsilon=1e-6, block_elements=2 ** 20):
+        super().__init__(epsilon=epsilon)
+        self.block_elements = int(block_elements)
+
+    def _copy_kwargs(self):
+        return {**super()._copy_kwargs(), 'block_elements': self.block_elements}
+
+    def _check_call(self, module, args, kwargs):
+        super()._check_call(module, args, kwargs)
+        rule, name = type(self).__name__, type(module).__name__
+        if not callable(getattr(module, 'scores', None)):
+            raise TypeError(
+                f'{rule} on {name}: the module needs a `scores(q, k, mask)` method; use '
+                'zennit_attn.layers.AttentionCore.'
+            )
+        if len(args) not in (3, 4) or any(arg.ndim < 2 for arg in args[:3]):
+            raise ValueError(
+                f'{rule} on {name}: expected (q, k, v) or (q, k, v, mask) with matrices of at least 2 dimensions, got '
+                f'shapes {[tuple(arg.shape) for arg in args]}.'
+            )
+
+    def selection(self, inputs, output, variable):
+        if len(variable) == 4 and variable[3]:
+            raise ValueError(
+                f'{type(self).__name__}: the attention mask depends on the model input, but the rule treats it as a '
+                'constant; compute the mask from constants, or unfold the attention (fused=False) to give it relevance.'
+            )
+        return True, (True,) * len(inputs)
+
+    def _blocks(self, query, key):
+        '''Slices of query rows whose scores hold about ``block_elements`` elements.'''
+        batch = 1
+        for size in torch.broadcast_shapes(query.shape[:-2], key.shape[:-2]):
+            batch *= size
+        rows, length = query.shape[-2], key.shape[-2]
+        step = max(1, self.block_elements // max(1, batch * length))
+        return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+    def backward_relevance(self, module, inputs, output, relevance_out, variable):
+        if relevance_out is None:
+            return (None,) * len(inputs)
+        dtype = _compute_dtype(relevance_out)
+        query, key, value = (tensor.to(dtype) for tensor in inputs[:3])
+        mask = inputs[3] if len(inputs) == 4 else None
+        # masked entries are recognised in the dtype of the forward's scores (e.g. float16's minimum), as SoftmaxRule
+        score_dtype = inputs[0].dtype if mask is None else torch.promote_types(inputs[0].dtype, mask.dtype)
+        threshold = max(torch.finfo(score_dtype).min, torch.finfo(torch.float32).min) / 2
+        mask = None if mask is None else mask.to(dtype)
+        output, relevance = output.to(dtype), relevance_out.to(dtype)
+        relevances = self.attention_relevance(module, query, key, value, mask, output, relevance, variable, threshold)
+        return tuple(
+            None if rel is None or not var else rel.to(tensor.dtype)
+            for rel, tensor, var in zip(relevances + (None,), inputs, variable)
+        )
+
+    def attention_relevance(self, module, query, key, value, mask, output, relevance, variable, threshold):
+        '''Relevance of ``(q, k, v)`` (in the compute dtype), block by block over the queries.'''
+        var_query, var_key, var_value = variable[:3]
+        share_probabilities, share_value = MatMulRule._shares((var_query or var_key, var_value))
+        share_query, share_key = MatMulRule._shares((var_query, var_key))
+        scale = module.scale
+        batch_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        rel_query = torch.empty(batch_shape + query.shape[-2:], dtype=query.dtype, device=query.device) \
+            if share_probabilities and share_query else None
+        grad_key = torch.zeros(batch_shape + key.shape[-2:], dtype=key.dtype, device=key.device) \
+            if share_probabilities and share_key else None
+        grad_value = torch.zeros(batch_shape + value.shape[-2:], dtype=value.dtype, device=value.device) \
+            if share_value else None
+        for rows in self._blocks(query, key):
+            block_query = query[..., rows, :]
+            block_mask = mask[..., rows, :] if mask is not None and mask.ndim > 1 and mask.shape[-2] != 1 else mask
+            scores = module.scores(block_query, key)
+            masked = scores if block_mask is None else scores + block_mask
+            probabilities = torch.softmax(masked, -1)
+            ratio = relevance[..., rows, :] / self.stabilizer(output[..., rows, :])
+            if grad_value is not None:
+                grad_value += probabilities.transpose(-1, -2) @ ratio
+            if not share_probabilities:
+                continue
+            rel_probabilities = (ratio @ value.transpose(-1, -2)).mul_(probabilities)
+            if share_probabilities != 1.:
+                rel_probabilities.mul_(share_probabilities)
+            # softmax (Prop. 3.1): masked inputs count as 0
+            rel_masked = rel_probabilities.sub_(probabilities.mul_(rel_probabilities.sum(-1, keepdim=True)))
+            if block_mask is None:
+                rel_masked.mul_(masked)
+            else:
+                rel_masked.mul_(masked.masked_fill(masked <= threshold, 0.))
+                # ε-sum: the mask absorbs its share
+                rel_masked.mul_(scores).div_(self.stabilizer(masked))
+            ratio_scores = rel_masked.div_(self.stabilizer(scores))
+            if rel_query is not None:
+                rel_query[..., rows, :] = ratio_scores @ key
+            if grad_key is not None:
+                grad_key += ratio_scores.transpose(-1, -2) @ block_query
+        rel_query = None if rel_query is None else _unbroadcast(
+            query * rel_query.mul_(share_query * scale), query.shape
+        )
+        rel_key = None if grad_key is None else _unbroadcast(
+            key * grad_key.mul_(share_key * scale), key.shape
+        )
+        rel_value = None if grad_value is None else _unbroadcast(value * grad_value.mul_(share_value), value.shape)
+        return rel_query, rel_key, rel_value
+
+
+class CPAttentionRule(AttentionRule):
+    '''CP-LRP for a whole :py:class:`~zennit_attn.layers.AttentionCore`: the attention probabilities are constant, so
+    ``R_v = v * (P^T @ (R / stab(O)))`` (unhalved) and ``q``, ``k`` and the mask receive nothing, as
+    :py:class:`CPMatMulRule` and :py:class:`StopRule` give on the unfolded ops. The probabilities are recomputed
+    block by block in the backward pass.
+    '''
+    def attention_relevance(self, module, query, key, value, mask, output, relevance, variable, threshold):
+        return super().attention_relevance(
+            module, query, key, value, mask, output, relevance, (False, False) + tuple(variable[2:3]), threshold
+        )
 
 
 class _LinearOp:

@@ -1,6 +1,7 @@
 '''Canonizers that unfold transformers into hookable operations, and detection of the supported model families.'''
 from importlib import import_module
 
+from .attention import AttentionCanonizer, attend, attention_ops
 from .base import ForwardCanonizer
 from .group import CanonizerGroup
 from .torchvision import (
@@ -8,7 +9,7 @@ from .torchvision import (
 )
 
 __all__ = [
-    'ForwardCanonizer', 'CanonizerGroup', 'MultiheadAttentionCanonizer', 'EncoderBlockCanonizer', 'EncoderCanonizer',
+    'ForwardCanonizer', 'AttentionCanonizer', 'attention_ops', 'attend', 'CanonizerGroup', 'MultiheadAttentionCanonizer', 'EncoderBlockCanonizer', 'EncoderCanonizer',
     'VisionTransformerCanonizer', 'FAMILIES', 'register_family', 'detect_canonizers',
 ]
 
@@ -23,13 +24,15 @@ def register_family(canonizer_class):
     return canonizer_class
 
 
-def detect_canonizers(root_module):
+def detect_canonizers(root_module, fused=True):
     '''Return a canonizer instance for every supported model family found inside ``root_module``.
 
     Families whose module types are found are returned in registration order; a model without any supported family
-    yields an empty list (composites then check that it contains no attention they cannot handle).
+    yields an empty list (composites then check that it contains no attention they cannot handle). Family groups are
+    constructed as ``family(fused=fused)``: ``fused`` chooses between the fused attention core and the unfolded chain
+    (see :py:mod:`zennit_attn.canonizers.attention`).
     '''
     if any(type(module).__module__.startswith('transformers.') for module in root_module.modules()):
         # registers the Hugging Face families; imported lazily because transformers is an optional dependency
         import_module(f'{__name__}.transformers')
-    return [family() for family in FAMILIES if family.detect(root_module)]
+    return [family(fused=fused) for family in FAMILIES if family.detect(root_module)]

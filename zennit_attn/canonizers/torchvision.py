@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torchvision.models.vision_transformer import Encoder, EncoderBlock, VisionTransformer
 
 from .. import layers
+from .attention import AttentionCanonizer, attend, attention_ops
 from .base import ForwardCanonizer
 from .group import CanonizerGroup
 
@@ -44,15 +45,20 @@ def _merge_masks(attn_mask, key_padding_mask, is_causal, batch, heads, target, s
     return masks[0] if len(masks) == 1 else masks[0] + masks[1]
 
 
-class MultiheadAttentionCanonizer(ForwardCanonizer):
+class MultiheadAttentionCanonizer(AttentionCanonizer):
     '''Re-implement :py:class:`torch.nn.MultiheadAttention` with hookable modules.
 
     ``F.multi_head_attention_forward`` uses the projection weights directly (``out_proj`` is never called as a module)
     and may run a fused kernel, so no rule could see any of its operations. The canonical forward computes
     ``out_proj(softmax(scale * q @ k^T + mask) @ v)`` with q/k/v projections as :py:class:`torch.nn.Linear` views of the
-    packed ``in_proj_weight`` (or the separate ``q/k/v_proj_weight``), :py:class:`~zennit_attn.layers.AttentionScores`,
-    :py:class:`~zennit_attn.layers.AttentionSoftmax`, :py:class:`~zennit_attn.layers.AttentionContext`, and the
-    module's own ``out_proj``. Masks are added as constants through a :py:class:`~zennit_attn.layers.Sum`.
+    packed ``in_proj_weight`` (or the separate ``q/k/v_proj_weight``), the attention core of
+    :py:mod:`zennit_attn.canonizers.attention` (fused :py:class:`~zennit_attn.layers.AttentionCore`, or the unfolded
+    chain when the weights are returned or dropout is active) and the module's own ``out_proj``. Masks are constants.
+
+    Parameters
+    ----------
+    fused: bool, optional
+        Run the attention core as one :py:class:`~zennit_attn.layers.AttentionCore` where possible.
     '''
     module_type = (torch.nn.MultiheadAttention,)
 
@@ -75,10 +81,7 @@ class MultiheadAttentionCanonizer(ForwardCanonizer):
             'q_proj': _linear_view(weights[0], biases[0]),
             'k_proj': _linear_view(weights[1], biases[1]),
             'v_proj': _linear_view(weights[2], biases[2]),
-            'scores': layers.AttentionScores(scale=1 / math.sqrt(head_dim)),
-            'mask': layers.AttentionMask(),
-            'softmax': layers.AttentionSoftmax(dim=-1),
-            'context': layers.AttentionContext(),
+            **attention_ops(1 / math.sqrt(head_dim), scale_output=False, fused=self.fused),
         }
 
     def make_roles(self, module):
@@ -108,15 +111,10 @@ class MultiheadAttentionCanonizer(ForwardCanonizer):
         q = split_heads(ops['q_proj'](query), target)
         k = split_heads(ops['k_proj'](key), source)
         v = split_heads(ops['v_proj'](value), source)
-        scores = ops['scores'](q, k.transpose(-1, -2))
-        mask = _merge_masks(
-            attn_mask, key_padding_mask, is_causal, batch, heads, target, source, scores.dtype, scores.device
+        mask = _merge_masks(attn_mask, key_padding_mask, is_causal, batch, heads, target, source, q.dtype, q.device)
+        context, probabilities = attend(
+            ops, q, k, v, mask, dropout=module.dropout, training=module.training, need_weights=need_weights
         )
-        if mask is not None:
-            scores = ops['mask'](scores, mask)
-        probabilities = ops['softmax'](scores)
-        dropped = F.dropout(probabilities, p=module.dropout, training=module.training) if module.dropout else probabilities
-        context = ops['context'](dropped, v)
         output = module.out_proj(context.transpose(1, 2).reshape(batch, target, heads * head_dim))
         if unbatched:
             output = output.squeeze(0)
@@ -170,11 +168,12 @@ class VisionTransformerCanonizer(CanonizerGroup):
     '''
     model_type = (VisionTransformer,)
 
-    def __init__(self):
-        super().__init__([MultiheadAttentionCanonizer(), EncoderBlockCanonizer(), EncoderCanonizer()])
+    def __init__(self, fused=True):
+        super().__init__([MultiheadAttentionCanonizer(fused), EncoderBlockCanonizer(), EncoderCanonizer()])
+        self.fused = fused
 
     def copy(self):
-        return self.__class__()
+        return self.__class__(fused=self.fused)
 
     def check(self, root_module):
         for module in root_module.modules():

@@ -7,10 +7,10 @@ Unfolded operations (one op module per call site, see :py:class:`~zennit_attn.ca
 * embeddings: ``inputs_embeds + token_type_embeddings`` and ``+ position_embeddings`` as two
   :py:class:`~zennit_attn.layers.Sum` (the input-dependent operand receives its ε-share, the embedding tables absorb
   theirs); the embedding ``LayerNorm`` gets the LayerNorm rule by type.
-* self-attention: ``query``/``key``/``value`` keep their Linear (role ``'attention_projection'``), then
-  :py:class:`~zennit_attn.layers.AttentionScores` (``(q @ k^T) * scaling``), the additive mask as a
-  :py:class:`~zennit_attn.layers.Sum` with a constant, :py:class:`~zennit_attn.layers.AttentionSoftmax` and
-  :py:class:`~zennit_attn.layers.AttentionContext`. The wrapper ``BertAttention`` is marked as handled.
+* self-attention: ``query``/``key``/``value`` keep their Linear (role ``'attention_projection'``), then the attention
+  core ``softmax((q @ k^T) * scaling + mask) @ v`` of :py:mod:`zennit_attn.canonizers.attention` (one
+  :py:class:`~zennit_attn.layers.AttentionCore`, or the unfolded chain with ``fused=False``, when attention weights are
+  requested or dropout is active). The wrapper ``BertAttention`` is marked as handled.
 * ``BertSelfOutput``/``BertOutput``: the residual ``LayerNorm(dense(x) + input)`` as a Sum (``dense`` of the attention
   output has the role ``'attention_projection'``).
 * RoBERTa's classification head: its inline ``torch.tanh`` as an :py:class:`torch.nn.Tanh` module (identity rule);
@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from transformers.cache_utils import EncoderDecoderCache
 
 from ... import layers
+from ..attention import AttentionCanonizer, attend, attention_ops
 from ..base import ForwardCanonizer
 from ..group import CanonizerGroup
 from .. import register_family
-from .common import EagerAttentionCanonizer, additive_mask, attention_ops
+from .common import EagerAttentionCanonizer, additive_mask, attentions_requested
 
 
 __all__ = [
@@ -126,14 +127,14 @@ class BertEmbeddingsCanonizer(ForwardCanonizer):
         return module.dropout(embeddings)
 
 
-class BertSelfAttentionCanonizer(ForwardCanonizer):
+class BertSelfAttentionCanonizer(AttentionCanonizer):
     '''Unfold ``BertSelfAttention`` / ``RobertaSelfAttention`` into hookable ops computing the eager attention
     ``softmax((q @ k^T) * scaling + mask) @ v`` (whatever attention implementation the model was loaded with).
     '''
     module_type = SELF_ATTENTIONS
 
     def make_ops(self, module):
-        return attention_ops(module.scaling)
+        return attention_ops(module.scaling, fused=self.fused)
 
     def make_roles(self, module):
         return {module.query: 'attention_projection', module.key: 'attention_projection',
@@ -154,13 +155,10 @@ class BertSelfAttentionCanonizer(ForwardCanonizer):
                 cache = past_key_values.self_attention_cache
             key, value = cache.update(key, value, module.layer_idx)
 
-        scores = ops['scores'](query, key.transpose(2, 3))
-        mask = additive_mask(attention_mask, scores.dtype)
-        if mask is not None:
-            scores = ops['mask'](scores, mask)
-        probabilities = ops['softmax'](scores)
-        dropped = F.dropout(probabilities, p=module.dropout.p, training=module.training)
-        context = ops['context'](dropped, value)
+        context, probabilities = attend(
+            ops, query, key, value, additive_mask(attention_mask, query.dtype), dropout=module.dropout.p,
+            training=module.training, need_weights=attentions_requested(),
+        )
         context = context.transpose(1, 2).contiguous()
         return context.reshape(*input_shape, -1).contiguous(), probabilities
 
@@ -237,11 +235,12 @@ class BertCanonizer(CanonizerGroup):
     '''
     model_type = EMBEDDINGS + SELF_ATTENTIONS
 
-    def __init__(self):
+    def __init__(self, fused=True):
+        self.fused = fused
         super().__init__([
             EagerAttentionCanonizer(),
             BertEmbeddingsCanonizer(),
-            BertSelfAttentionCanonizer(),
+            BertSelfAttentionCanonizer(fused),
             BertAttentionCanonizer(),
             BertResidualCanonizer(),
             RobertaClassificationHeadCanonizer(),
@@ -249,7 +248,7 @@ class BertCanonizer(CanonizerGroup):
         ])
 
     def copy(self):
-        return self.__class__()
+        return self.__class__(fused=self.fused)
 
     def check(self, root_module):
         for name, module in root_module.named_modules():

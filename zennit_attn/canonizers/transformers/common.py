@@ -2,24 +2,23 @@
 import torch
 from zennit.canonizers import Canonizer
 
-from ... import layers
 
+def attentions_requested():
+    '''Whether the running Hugging Face forward records attention weights (``output_attentions=True``).
 
-def attention_ops(scale, softmax_dtype=None, score_ops=None):
-    '''The op modules of eager attention ``softmax((q @ k^T) * scale + mask) @ v``, in call order: ``'scores'``
-    (:py:class:`~zennit_attn.layers.AttentionScores` with the scaling folded in), then ``score_ops`` (further ops on
-    the scores before the mask, e.g. logit soft-capping), ``'mask'`` (the additive mask as a
-    :py:class:`~zennit_attn.layers.Sum`), ``'softmax'`` (:py:class:`~zennit_attn.layers.AttentionSoftmax` over the
-    last dimension, computed in ``softmax_dtype``) and ``'context'`` (:py:class:`~zennit_attn.layers.AttentionContext`).
+    transformers 5.x collects them with forward hooks while a context variable names the outputs to record; where that
+    (private) mechanism is missing, assume they are requested, which keeps the unfolded attention and is always correct.
     '''
-    ops = {'scores': layers.AttentionScores(scale=scale, scale_output=True)}
-    ops.update(score_ops or {})
-    ops.update(
-        mask=layers.AttentionMask(),
-        softmax=layers.AttentionSoftmax(dim=-1, dtype=softmax_dtype),
-        context=layers.AttentionContext(),
-    )
-    return ops
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return True
+    try:
+        collected = _active_collector.get()
+    except LookupError:
+        # no model forward is recording anything
+        return False
+    return collected is not None and any(key.endswith('attentions') for key in collected)
 
 
 def additive_mask(attention_mask, dtype, floor=None):

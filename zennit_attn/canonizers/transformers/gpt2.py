@@ -6,10 +6,9 @@
   original forward, while ``wpe`` (patched at instance level) returns zeros there, so the original adds an exact 0.
 * :py:class:`GPT2BlockCanonizer`: the two residual sums of ``GPT2Block``.
 * :py:class:`GPT2AttentionCanonizer`: the eager attention with hookable ops: ``c_attn`` (one ``Conv1D`` producing q, k
-  and v, split afterwards) and ``c_proj`` keep ε (role ``'attention_projection'``),
-  :py:class:`~zennit_attn.layers.AttentionScores` with the scaling folded in, the additive eager mask through a
-  :py:class:`~zennit_attn.layers.Sum`, :py:class:`~zennit_attn.layers.AttentionSoftmax`,
-  :py:class:`~zennit_attn.layers.AttentionContext`.
+  and v, split afterwards) and ``c_proj`` keep ε (role ``'attention_projection'``), and the attention core
+  ``softmax((q @ k^T) * scaling + mask) @ v`` of :py:mod:`zennit_attn.canonizers.attention` (one
+  :py:class:`~zennit_attn.layers.AttentionCore`, or the unfolded chain).
 
 ``GPT2MLP`` needs no canonizer: ``c_fc``, the activation (``NewGELUActivation``, identity rule) and ``c_proj`` are all
 modules; ``Conv1D`` gets the ε-rule (:py:class:`zennit_attn.types.LinearLike`). Not supported (clear errors):
@@ -22,9 +21,10 @@ from transformers.models.gpt2 import modeling_gpt2
 
 from ... import layers
 from .. import register_family
+from ..attention import AttentionCanonizer, attend, attention_ops
 from ..base import ForwardCanonizer
 from ..group import CanonizerGroup
-from .common import EagerAttentionCanonizer, additive_mask, attention_ops
+from .common import EagerAttentionCanonizer, additive_mask, attentions_requested
 
 
 __all__ = ['GPT2ModelCanonizer', 'GPT2BlockCanonizer', 'GPT2AttentionCanonizer', 'GPT2Canonizer']
@@ -124,7 +124,7 @@ class GPT2BlockCanonizer(ForwardCanonizer):
         return ops['residual_mlp'](residual, feed_forward)
 
 
-class GPT2AttentionCanonizer(ForwardCanonizer):
+class GPT2AttentionCanonizer(AttentionCanonizer):
     '''Re-implement GPT-2's eager self-attention with hookable op modules (see the module docstring).'''
     module_type = (modeling_gpt2.GPT2Attention,)
 
@@ -138,7 +138,7 @@ class GPT2AttentionCanonizer(ForwardCanonizer):
             )
 
     def make_ops(self, module):
-        return attention_ops(module.scaling)
+        return attention_ops(module.scaling, fused=self.fused)
 
     def make_roles(self, module):
         return {module.c_attn: 'attention_projection', module.c_proj: 'attention_projection'}
@@ -157,13 +157,12 @@ class GPT2AttentionCanonizer(ForwardCanonizer):
             cache = getattr(past_key_values, 'self_attention_cache', past_key_values)
             key, value = cache.update(key, value, module.layer_idx)
 
-        scores = ops['scores'](query, key.transpose(-1, -2))
-        if attention_mask is not None:
-            scores = ops['mask'](scores, additive_mask(attention_mask, scores.dtype)[:, :, :, :key.shape[-2]])
-        probabilities = ops['softmax'](scores).type(value.dtype)
-        dropout = module.attn_dropout.p if module.training else 0.0
-        dropped = F.dropout(probabilities, p=dropout, training=module.training) if dropout else probabilities
-        context = ops['context'](dropped, value).transpose(1, 2)
+        mask = None if attention_mask is None else additive_mask(attention_mask, query.dtype)[:, :, :, :key.shape[-2]]
+        context, probabilities = attend(
+            ops, query, key, value, mask, dropout=module.attn_dropout.p, training=module.training,
+            need_weights=attentions_requested(),
+        )
+        context = context.transpose(1, 2)
         context = context.reshape(*context.shape[:-2], -1).contiguous()
         return module.resid_dropout(module.c_proj(context)), probabilities
 
@@ -173,10 +172,11 @@ class GPT2Canonizer(CanonizerGroup):
     '''GPT-2 (``GPT2Model`` and its heads): eager masks, position-embedding sum, block residuals, attention.'''
     model_type = (modeling_gpt2.GPT2Model,)
 
-    def __init__(self):
+    def __init__(self, fused=True):
+        self.fused = fused
         super().__init__([
-            EagerAttentionCanonizer(), GPT2ModelCanonizer(), GPT2BlockCanonizer(), GPT2AttentionCanonizer(),
+            EagerAttentionCanonizer(), GPT2ModelCanonizer(), GPT2BlockCanonizer(), GPT2AttentionCanonizer(fused),
         ])
 
     def copy(self):
-        return self.__class__()
+        return self.__class__(fused=self.fused)

@@ -36,9 +36,10 @@ import torch.nn.functional as F
 
 from ... import layers
 from .. import register_family
+from ..attention import attend, attention_ops
 from ..base import ForwardCanonizer
 from ..group import CanonizerGroup
-from .common import EagerAttentionCanonizer, additive_mask, attention_ops
+from .common import EagerAttentionCanonizer, additive_mask, attentions_requested
 
 from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
@@ -152,15 +153,19 @@ class DecoderAttentionCanonizer(TypedForwardCanonizer):
     softcapping: bool, optional
         Apply the module's ``attn_logit_softcapping`` (``cap * tanh(scores / cap)``) before the mask. Off by default:
         transformers 5.x's Gemma3 attention stores the value but never applies it, and the canonical forward must
-        compute what the original computes.
+        compute what the original computes. Soft-capped attention always runs unfolded.
+    fused: bool, optional
+        Run the attention core as one :py:class:`~zennit_attn.layers.AttentionCore` where possible (see
+        :py:mod:`zennit_attn.canonizers.attention`).
     '''
-    def __init__(self, module_type=(), norm_after_transpose=False, softcapping=False):
+    def __init__(self, module_type=(), norm_after_transpose=False, softcapping=False, fused=True):
         super().__init__(module_type)
         self.norm_after_transpose = norm_after_transpose
         self.softcapping = softcapping
+        self.fused = fused
 
     def copy(self):
-        return self.__class__(self.module_type, self.norm_after_transpose, self.softcapping)
+        return self.__class__(self.module_type, self.norm_after_transpose, self.softcapping, self.fused)
 
     def check(self, module):
         missing = [
@@ -180,7 +185,7 @@ class DecoderAttentionCanonizer(TypedForwardCanonizer):
         return {
             'rope_query': layers.RotaryEmbedding(),
             'rope_key': layers.RotaryEmbedding(),
-            **attention_ops(module.scaling, softmax_dtype=torch.float32, score_ops=score_ops),
+            **attention_ops(module.scaling, softmax_dtype=torch.float32, fused=self.fused, score_ops=score_ops),
         }
 
     def make_roles(self, module):
@@ -221,22 +226,22 @@ class DecoderAttentionCanonizer(TypedForwardCanonizer):
         key = _repeat_kv(key, module.num_key_value_groups)
         value = _repeat_kv(value, module.num_key_value_groups)
 
-        scores = ops['scores'](query, key.transpose(2, 3))
+        softcap = None
         if 'softcap_tanh' in ops:
-            scores = ops['softcap_multiply'](ops['softcap_tanh'](ops['softcap_divide'](scores)))
+            def softcap(scores):
+                return ops['softcap_multiply'](ops['softcap_tanh'](ops['softcap_divide'](scores)))
+        mask = None
         if attention_mask is not None:
             # float64 models: the eager mask holds float64's minimum, which becomes -inf in the float32 softmax, so
             # the fully masked rows of left-padding queries turn NaN in transformers and the NaN spreads to every
             # token through the next layer. Flooring at float32's minimum changes nothing else (exp still underflows
             # to exactly 0), so unpadded outputs stay bit-identical.
-            mask = additive_mask(attention_mask, scores.dtype, floor=torch.finfo(torch.float32).min)
+            mask = additive_mask(attention_mask, query.dtype, floor=torch.finfo(torch.float32).min)
             mask = mask[:, :, :, :key.shape[-2]]
-            scores = ops['mask'](scores, mask)
-
-        probabilities = ops['softmax'](scores).to(query.dtype)
-        dropout = module.attention_dropout if module.training else 0.0
-        dropped = F.dropout(probabilities, p=dropout, training=module.training) if dropout else probabilities
-        context = ops['context'](dropped, value)
+        context, probabilities = attend(
+            ops, query, key, value, mask, dropout=module.attention_dropout, training=module.training,
+            need_weights=attentions_requested(), score_transform=softcap,
+        )
         context = context.transpose(1, 2).contiguous()
         context = context.reshape(*input_shape, -1).contiguous()
         return module.o_proj(context), probabilities
@@ -324,11 +329,14 @@ class DecoderFamilyCanonizer(CanonizerGroup):
     norm_after_transpose = False
     attention_softcapping = False
 
-    def __init__(self):
+    def __init__(self, fused=True):
+        self.fused = fused
         canonizers = [
             EagerAttentionCanonizer(),
             DecoderLayerCanonizer(self.decoder_types),
-            DecoderAttentionCanonizer(self.attention_types, self.norm_after_transpose, self.attention_softcapping),
+            DecoderAttentionCanonizer(
+                self.attention_types, self.norm_after_transpose, self.attention_softcapping, fused=fused
+            ),
             GatedMLPCanonizer(self.mlp_types),
         ]
         if self.causal_lm_types:
@@ -336,7 +344,7 @@ class DecoderFamilyCanonizer(CanonizerGroup):
         super().__init__(canonizers)
 
     def copy(self):
-        return self.__class__()
+        return self.__class__(fused=self.fused)
 
 
 @register_family

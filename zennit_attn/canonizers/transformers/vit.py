@@ -9,9 +9,9 @@ Unfolded operations:
   ``x * (1 - m) + t * m`` as a :py:class:`~zennit_attn.layers.Product` with a constant and a Sum. The patch embedding
   is a ``Conv2d`` (γ in the vision preset).
 * ``ViTAttention``: ``q_proj``/``k_proj``/``v_proj``/``o_proj`` keep their Linear (role ``'attention_projection'``),
-  :py:class:`~zennit_attn.layers.AttentionScores`, the optional additive mask as a Sum,
-  :py:class:`~zennit_attn.layers.AttentionSoftmax` (in float32 for half-precision inputs, as the eager code) and
-  :py:class:`~zennit_attn.layers.AttentionContext`.
+  and the attention core of :py:mod:`zennit_attn.canonizers.attention` (one :py:class:`~zennit_attn.layers.AttentionCore`
+  or the unfolded chain) with the optional additive mask; the softmax runs in float32 for half-precision inputs, as the
+  eager code (a second set of ops with the suffix ``_float32``).
 * ``ViTLayer``: the two residual sums.
 
 LayerNorms get the LayerNorm rule by type; the MLP activation and the pooler activation are modules already.
@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from transformers.models.vit import modeling_vit
 
 from ... import layers
+from ..attention import AttentionCanonizer, attend, attention_ops
 from ..base import ForwardCanonizer
 from ..group import CanonizerGroup
 from .. import register_family
-from .common import EagerAttentionCanonizer, additive_mask
+from .common import EagerAttentionCanonizer, additive_mask, attentions_requested
 
 
 __all__ = ['ViTEmbeddingsCanonizer', 'ViTAttentionCanonizer', 'ViTLayerCanonizer', 'ViTCanonizer']
@@ -66,7 +67,7 @@ class ViTEmbeddingsCanonizer(ForwardCanonizer):
         return module.dropout(embeddings)
 
 
-class ViTAttentionCanonizer(ForwardCanonizer):
+class ViTAttentionCanonizer(AttentionCanonizer):
     '''Unfold ``ViTAttention`` into hookable ops computing the eager attention
     ``o_proj(softmax((q @ k^T) * scaling + mask) @ v)`` whatever attention implementation the model was loaded with.
 
@@ -77,11 +78,8 @@ class ViTAttentionCanonizer(ForwardCanonizer):
 
     def make_ops(self, module):
         return {
-            'scores': layers.AttentionScores(scale=module.scaling, scale_output=True),
-            'mask': layers.AttentionMask(),
-            'softmax': layers.AttentionSoftmax(dim=-1),
-            'softmax_float32': layers.AttentionSoftmax(dim=-1, dtype=torch.float32),
-            'context': layers.AttentionContext(),
+            **attention_ops(module.scaling, fused=self.fused),
+            **attention_ops(module.scaling, softmax_dtype=torch.float32, fused=self.fused, suffix='_float32'),
         }
 
     def make_roles(self, module):
@@ -98,16 +96,12 @@ class ViTAttentionCanonizer(ForwardCanonizer):
         key = module.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
-        scores = ops['scores'](query, key.transpose(2, 3))
-        mask = additive_mask(attention_mask, scores.dtype)
-        if mask is not None:
-            scores = ops['mask'](scores, mask)
-        if scores.dtype in (torch.float16, torch.bfloat16):
-            probabilities = ops['softmax_float32'](scores).to(query.dtype)
-        else:
-            probabilities = ops['softmax'](scores)
-        dropped = F.dropout(probabilities, p=module.attention_dropout, training=module.training)
-        context = ops['context'](dropped, value).transpose(1, 2).contiguous()
+        context, probabilities = attend(
+            ops, query, key, value, additive_mask(attention_mask, query.dtype), dropout=module.attention_dropout,
+            training=module.training, need_weights=attentions_requested(),
+            suffix='_float32' if query.dtype in (torch.float16, torch.bfloat16) else '',
+        )
+        context = context.transpose(1, 2).contiguous()
         context = context.reshape(*input_shape, -1).contiguous()
         return module.o_proj(context), probabilities
 
@@ -141,10 +135,11 @@ class ViTCanonizer(CanonizerGroup):
     '''
     model_type = (modeling_vit.ViTEmbeddings, modeling_vit.ViTAttention, modeling_vit.ViTLayer)
 
-    def __init__(self):
+    def __init__(self, fused=True):
+        self.fused = fused
         super().__init__([
-            EagerAttentionCanonizer(), ViTEmbeddingsCanonizer(), ViTAttentionCanonizer(), ViTLayerCanonizer(),
+            EagerAttentionCanonizer(), ViTEmbeddingsCanonizer(), ViTAttentionCanonizer(fused), ViTLayerCanonizer(),
         ])
 
     def copy(self):
-        return self.__class__()
+        return self.__class__(fused=self.fused)
