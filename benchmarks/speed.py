@@ -6,31 +6,41 @@ Not a test: run ``python benchmarks/speed.py [--device cuda] [--threads 1] [--se
 import argparse
 import gc
 import json
+import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 import zennit.composites
+from torch.multiprocessing.reductions import StorageWeakRef
 from zennit.attribution import Gradient, IntegratedGradients, SmoothGrad
 
 import zennit_attn  # noqa: F401 (registers the composites)
 
 
 class SavedTensorBytes:
-    '''Bytes of the distinct tensors autograd keeps for the backward pass while the context is active: the memory an
-    attribution holds at its peak beyond the model (activations and rule inputs), counted exactly and independent of
-    the allocator and of other processes.
+    '''The most memory autograd holds for the backward pass at any time while the context is active: the bytes of the
+    distinct storages saved for backward and still alive (beyond the parameters), counted exactly and independent of
+    the allocator and of other processes. Tensors saved by graphs that are dropped again (a hooked module's own forward
+    graph) stop counting when they are freed.
     '''
     def __init__(self, model):
         # parameters exist with or without an attribution: only count what the attribution adds
         self.parameters = {param.untyped_storage().data_ptr() for param in model.parameters()}
         self.storages = {}
+        self.total = 0
 
     def pack(self, tensor):
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in self.parameters:
-            self.storages[(storage.data_ptr(), tensor.device)] = storage.nbytes()
-        return tensor
+            self.storages[(storage.data_ptr(), tensor.device)] = (StorageWeakRef(storage), storage.nbytes())
+            self.total = max(self.total, sum(size for ref, size in self.storages.values() if not ref.expired()))
+        # a detached alias: returning the tensor itself would make saved outputs reference their own graph (a cycle
+        # that keeps everything alive)
+        return tensor.detach()
 
     def __enter__(self):
         self.context = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
@@ -41,39 +51,42 @@ class SavedTensorBytes:
         self.context.__exit__(*exc)
         return False
 
-    @property
-    def total(self):
-        return sum(self.storages.values())
+
+def _status_kib(key):
+    '''A ``/proc/self/status`` entry in KiB (``VmRSS``: resident now, ``VmHWM``: resident peak).'''
+    with open('/proc/self/status') as file:
+        return int(re.search(rf'^{key}:\s+(\d+) kB', file.read(), re.MULTILINE).group(1))
 
 
-def measure(run, model, device, repeats):
-    '''Median wall time and process CPU time over ``repeats`` runs after one warm-up, and the bytes saved for the
-    backward pass (on a GPU: the allocator's peak above the starting level).
+def child_peak(setting, method, args):
+    '''In this (child) process: the peak resident memory one attribution adds above what the model and the warmed-up
+    process hold, from the kernel's high-water mark (Linux). glibc is told to return large blocks to the system at once
+    (``MALLOC_MMAP_THRESHOLD_``, set by the parent), so freed memory does not hide in the allocator.
     '''
-    device = torch.device(device)
+    model, runs = setting_runs(setting, args, only=method)
+    run = runs[method]
     run()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        run()
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
     gc.collect()
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        run()
-        torch.cuda.synchronize(device)
-        memory = torch.cuda.max_memory_allocated(device) - base
-    else:
-        with SavedTensorBytes(model) as saved:
-            run()
-        memory = saved.total
-    return statistics.median(wall), statistics.median(cpu), memory
+    # writing 5 to clear_refs resets the high-water mark to the current resident size
+    with open('/proc/self/clear_refs', 'w') as file:
+        file.write('5')
+    base = _status_kib('VmRSS')
+    run()
+    return (_status_kib('VmHWM') - base) * 1024
+
+
+def peak_in_child(setting, method, args):
+    '''Run :py:func:`child_peak` in a fresh process (CPU only) and return its peak bytes, or None where unsupported.'''
+    if args.device != 'cpu' or not os.path.exists('/proc/self/clear_refs'):
+        return None
+    command = [
+        sys.executable, __file__, '--child-peak', setting, method, '--device', args.device, '--n-iter', str(args.n_iter),
+    ]
+    if args.threads:
+        command += ['--threads', str(args.threads)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1])
 
 
 def attribution_runs(model, x, seed_fn, composites, n_iter, only=None):
@@ -142,7 +155,10 @@ def benchmark(setting, args):
     model, runs = setting_runs(setting, args)
     for name, run in runs.items():
         seconds, cpu_seconds, memory = measure(run, model, args.device, args.repeats)
-        rows.append({'method': name, 'seconds': seconds, 'cpu_seconds': cpu_seconds, 'peak_bytes': memory})
+        rows.append({
+            'method': name, 'seconds': seconds, 'cpu_seconds': cpu_seconds, 'peak_bytes': memory,
+            'peak_rss_bytes': peak_in_child(setting, name, args),
+        })
     base = rows[0]
     length = int(setting.split(':')[1])
     # on a CPU shared with other processes, process CPU time is the steadier measure of work
@@ -150,20 +166,27 @@ def benchmark(setting, args):
     for row in rows:
         row['time_ratio'] = row[key] / base[key]
         row['memory_ratio'] = row['peak_bytes'] / max(base['peak_bytes'], 1)
+        if row['peak_rss_bytes'] is not None:
+            row['peak_rss_ratio'] = row['peak_rss_bytes'] / max(base['peak_rss_bytes'], 1)
         if setting.startswith('llama'):
             row['ms_per_token'] = row['seconds'] * 1e3 / length
-        print(f'  {setting:<14} {row["method"]:<30} {row["time_ratio"]:6.2f}x time  {row["memory_ratio"]:6.2f}x memory'
-              f'  ({row["seconds"] * 1e3:9.1f} ms, {row["peak_bytes"] / 2 ** 20:8.1f} MiB)', flush=True)
+        peak = f'{row["peak_rss_ratio"]:6.2f}x peak' if 'peak_rss_ratio' in row else ''
+        print(f'  {setting:<14} {row["method"]:<30} {row["time_ratio"]:6.2f}x time  {row["memory_ratio"]:6.2f}x saved '
+              f'{peak}  ({row["seconds"] * 1e3:9.1f} ms, {row["peak_bytes"] / 2 ** 20:8.1f} MiB)', flush=True)
     return {'setting': setting, 'rows': rows}
 
 
 def markdown(results):
     '''The results as a Markdown table of ratios to the plain gradient.'''
-    lines = ['| setting | method | time / gradient | memory / gradient |', '|---|---|---|---|']
+    lines = [
+        '| setting | method | time / gradient | saved for backward / gradient | peak memory / gradient |',
+        '|---|---|---|---|---|',
+    ]
     for result in results['settings']:
         for row in result['rows']:
+            peak = f'{row["peak_rss_ratio"]:.2f}x' if 'peak_rss_ratio' in row else 'n/a'
             lines.append(f'| {result["setting"]} | {row["method"]} | {row["time_ratio"]:.2f}x | '
-                         f'{row["memory_ratio"]:.2f}x |')
+                         f'{row["memory_ratio"]:.2f}x | {peak} |')
     return '\n'.join(lines)
 
 
@@ -178,9 +201,13 @@ def main():
     parser.add_argument('--output', default='benchmarks/speed.json')
     parser.add_argument('--wall-time', action='store_true', help='ratios of wall time instead of CPU time on CPU')
     parser.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s choice)')
+    parser.add_argument('--child-peak', nargs=2, metavar=('SETTING', 'METHOD'), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child_peak:
+        print(child_peak(*args.child_peak, args))
+        return
 
     results = {'device': args.device, 'torch': torch.__version__, 'threads': torch.get_num_threads(), 'settings': []}
     for setting in args.settings:

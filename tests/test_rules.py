@@ -1097,6 +1097,9 @@ LINEAR_LAYERS = {
     'conv2d': (lambda: torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), (2, 3, 9, 9)),
     'conv2d_groups_dilation': (lambda: torch.nn.Conv2d(4, 6, 3, dilation=2, groups=2), (2, 4, 9, 8)),
     'conv3d': (lambda: torch.nn.Conv3d(2, 3, 2, stride=2), (2, 2, 4, 4, 6)),
+    # outputs more than 4x the input are recomputed in the backward pass instead of kept
+    'linear_widening': (lambda: torch.nn.Linear(3, 17), (3, 4, 3)),
+    'conv2d_widening': (lambda: torch.nn.Conv2d(1, 6, 3, padding=1), (2, 1, 5, 5)),
 }
 
 
@@ -1129,6 +1132,29 @@ def test_closed_form_epsilon_and_gamma_equal_zennit_rules(layer, zero_params):
         expected = linear_relevance(module, reference_rule, x, relevance_out)
         actual = linear_relevance(module, rule, x, relevance_out)
         assert torch.allclose(actual, expected, rtol=1e-10, atol=1e-12), type(rule).__name__
+
+
+@pytest.mark.parametrize('rule', [rules.Epsilon(1e-3), rules.Gamma(0.25, 1e-3)], ids=['epsilon', 'gamma'])
+def test_widening_layer_keeps_no_output_and_recomputes_rows_with_relevance(rule):
+    '''A vocabulary-head-like layer (output 17/3 times its input) keeps only its input; with relevance on a few tokens
+    only (a language model's last position) the recomputed rows give Zennit's relevance.
+    '''
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 17).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    relevance_out = torch.zeros(2, 5, 17, dtype=torch.float64)
+    relevance_out[:, -1] = torch.randn(2, 17, dtype=torch.float64)
+    relevance_out[0, 1, 3] = 0.5
+    reference = zennit.rules.Gamma(0.25, 1e-3) if isinstance(rule, rules.Gamma) else zennit.rules.Epsilon(1e-3)
+    expected = linear_relevance(module, reference, x, relevance_out)
+    assert torch.allclose(linear_relevance(module, rule, x, relevance_out), expected, rtol=1e-10, atol=1e-12)
+    handles = rule.register(module)
+    try:
+        output = module(x.clone().requires_grad_())
+    finally:
+        handles.remove()
+    kept = [tensor for tensor in output.grad_fn.saved_tensors if tensor is not None]
+    assert [tuple(tensor.shape) for tensor in kept] == [(2, 5, 3)]
 
 
 @pytest.mark.parametrize('layer', sorted(LINEAR_LAYERS))

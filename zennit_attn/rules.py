@@ -790,6 +790,13 @@ class Epsilon(AttnHook):
                 f'{len(kernel_size) + 2} dimensions, got shape {tuple(args[0].shape)}; add a batch dimension.'
             )
 
+    #: outputs larger than this many times the input (e.g. a language model's vocabulary head) are not kept but
+    #: recomputed in the backward pass, for the rows that receive relevance only
+    max_output_ratio = 4
+
+    def selection(self, inputs, output, variable):
+        return output.numel() <= self.max_output_ratio * inputs[0].numel(), (True,)
+
     def _bias(self, module, output):
         '''The bias broadcastable to ``output`` (channel dimension 1 for convolutions), or None.'''
         if module.bias is None:
@@ -797,8 +804,27 @@ class Epsilon(AttnHook):
         bias = module.bias.to(output.dtype)
         return bias if _LinearOp.is_linear(module) else bias.reshape((-1,) + (1,) * (output.ndim - 2))
 
+    def _output(self, module, x, output, relevance):
+        '''The kept ``output``, or (if it was not kept) ``W x + b`` recomputed; for linear layers only for the rows
+        (tokens) whose relevance is non-zero, the others are 0 and receive no relevance either way.
+        '''
+        if not output.is_meta:
+            return output
+        weight = module.weight.to(x.dtype)
+        bias = self._bias(module, relevance)
+        if not _LinearOp.is_linear(module):
+            result = _LinearOp.forward(module, x, weight)
+            return result if bias is None else result + bias
+        flat_x, flat_relevance = x.reshape(-1, x.shape[-1]), relevance.reshape(-1, relevance.shape[-1])
+        rows = flat_relevance.ne(0).any(-1).nonzero().squeeze(-1)
+        flat = torch.zeros_like(flat_relevance)
+        selected = _LinearOp.forward(module, flat_x[rows], weight)
+        flat[rows] = selected if bias is None else selected + bias
+        return flat.reshape(relevance.shape)
+
     def relevance(self, module, inputs, output, relevance, variable):
         (x,) = inputs
+        output = self._output(module, x, output, relevance)
         bias = self._bias(module, output)
         if self.no_bias and bias is not None:
             output = output - bias
@@ -832,6 +858,7 @@ class Gamma(Epsilon):
 
     def relevance(self, module, inputs, output, relevance, variable):
         (x,) = inputs
+        output = self._output(module, x, output, relevance)
         gamma = self.gamma
         weight = module.weight.to(x.dtype)
         bias = self._bias(module, output)
