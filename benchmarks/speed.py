@@ -52,6 +52,36 @@ class SavedTensorBytes:
         return False
 
 
+def measure(run, model, device, repeats):
+    '''Median wall time and process CPU time over ``repeats`` runs after one warm-up, and the bytes saved for the
+    backward pass (on a GPU: the allocator's peak above the starting level).
+    '''
+    device = torch.device(device)
+    run()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        run()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        memory = torch.cuda.max_memory_allocated(device) - base
+    else:
+        with SavedTensorBytes(model) as saved:
+            run()
+        memory = saved.total
+    return statistics.median(wall), statistics.median(cpu), memory
+
+
 def _status_kib(key):
     '''A ``/proc/self/status`` entry in KiB (``VmRSS``: resident now, ``VmHWM``: resident peak).'''
     with open('/proc/self/status') as file:

@@ -80,8 +80,8 @@ _HINTS = {
     'std': 'part of a normalisation written inline? give the module LayerNormRule',
     'norm': 'part of a normalisation written inline? give the module RMSNormRule/LayerNormRule',
     'exp': 'exponential has no AttnLRP rule; if it is part of a softmax, use zennit_attn.layers.Softmax/SoftmaxRule',
-    'scaled_dot_product_attention': 'fused attention: unfold it into AttentionScores, AttentionSoftmax and '
-                                    'AttentionContext (a canonizer; Hugging Face models: attn_implementation="eager")',
+    'scaled_dot_product_attention': 'fused attention: compute it with zennit_attn.layers.AttentionCore (or unfold it '
+                                    'into AttentionScores, AttentionSoftmax and AttentionContext) in a canonizer',
     'masked_fill': 'masking by filling drops the relevance of the filled positions: add the mask through '
                    'zennit_attn.layers.Sum (SumRule) before a softmax instead',
     'where': 'torch.where drops the relevance of the unselected positions: use an additive mask through '

@@ -8,6 +8,7 @@ Every forward computes exactly the plain torch expression given in its docstring
 the original model's output.
 '''
 import torch
+import torch.nn.functional as F
 
 
 class MatMul(torch.nn.Module):
@@ -185,7 +186,15 @@ class AttentionCore(torch.nn.Module):
         return probabilities.to(query.dtype if dtype is None else dtype)
 
     def forward(self, query, key, value, mask=None):
-        '''Compute ``softmax(scale * q @ k^T + mask) @ v``.'''
+        '''Compute ``softmax(scale * q @ k^T + mask) @ v``: with PyTorch's fused
+        :py:func:`~torch.nn.functional.scaled_dot_product_attention` if the softmax runs in the dtype of the inputs
+        (equal to the unfolded chain up to rounding), else with the unfolded chain's expressions.
+        '''
+        dtypes = {query.dtype, key.dtype, value.dtype} | (set() if mask is None else {mask.dtype})
+        if self.softmax_dtype in (None, query.dtype) and len(dtypes) == 1:
+            batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+            query, key, value = (tensor.expand(batch + tensor.shape[-2:]) for tensor in (query, key, value))
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scale)
         return self.probabilities(query, key, mask, dtype=value.dtype) @ value
 
     def extra_repr(self):

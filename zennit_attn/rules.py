@@ -18,7 +18,7 @@ from .layers import rotate_half
 __all__ = [
     'AttnHook', 'IdentityRule', 'SoftmaxRule', 'MatMulRule', 'ProductRule', 'SumRule', 'LayerNormRule', 'RMSNormRule',
     'RoPERule', 'MeanRule', 'CPMatMulRule', 'CPProductRule', 'StopRule', 'AttentionRule', 'CPAttentionRule', 'Epsilon',
-    'Gamma',
+    'Gamma', 'SignStabilizer',
 ]
 
 
@@ -72,6 +72,30 @@ def _is_variable(tensor):
     if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad or isinstance(tensor, torch.nn.Parameter):
         return False
     return tensor.grad_fn is None or _node_is_variable(tensor.grad_fn)
+
+
+class SignStabilizer(Stabilizer):
+    '''Zennit's default stabilizer ``z + epsilon * sign(z)`` (sign(0) = +1; :py:func:`zennit.core.stabilize` without
+    clipping or norm scaling), with the same values from cheaper operations: ``sign(sign(z) + 1/2)`` is the sign with
+    sign(0) = +1 (also for -0.0) without boolean masks.
+    '''
+    def shift(self, input):
+        '''``epsilon * sign(input)`` with sign(0) = +1.'''
+        return torch.sign(input).add_(0.5).sign_().mul_(self.epsilon)
+
+    def __call__(self, input):
+        return self.shift(input).add_(input)
+
+    def stabilize_(self, input):
+        '''Stabilize ``input`` in place and return it.'''
+        return input.add_(self.shift(input))
+
+
+def _stabilizer(epsilon):
+    '''The stabilizer of ``epsilon``: :py:class:`SignStabilizer` for numbers, else Zennit's ``Stabilizer.ensure``.'''
+    if isinstance(epsilon, (float, int)) and not isinstance(epsilon, bool):
+        return SignStabilizer(epsilon=float(epsilon))
+    return Stabilizer.ensure(epsilon)
 
 
 class _RelevanceFunction(torch.autograd.Function):
@@ -129,7 +153,7 @@ class AttnHook(Hook):
     def __init__(self, epsilon=1e-6):
         super().__init__()
         self.epsilon = epsilon
-        self.stabilizer = Stabilizer.ensure(epsilon)
+        self.stabilizer = _stabilizer(epsilon)
 
     def _copy_kwargs(self):
         '''Keyword arguments that rebuild this rule in :py:meth:`copy`.'''
@@ -608,6 +632,28 @@ class AttentionRule(AttnHook):
         step = max(1, self.block_elements // max(1, batch * length))
         return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
+    @staticmethod
+    def _keys(mask, length, threshold):
+        '''The range of keys that any query of a block attends to (e.g. up to the block's last query under a causal
+        mask): outside it every probability is exactly 0 and nothing needs to be computed. Queries with every key
+        masked have uniform probabilities instead: then all keys, and a 0/1 factor that is 0 for those queries
+        (``None`` if there are none).
+        '''
+        if mask is None or mask.shape[-1] != length:
+            return slice(None), None
+        attended = mask > threshold
+        rows = attended.any(-1, keepdim=True)
+        if not bool(rows.all()):
+            return slice(None), rows.to(mask.dtype)
+        columns = attended.reshape(-1, length).any(0).nonzero()
+        return slice(int(columns[0]), int(columns[-1]) + 1), None
+
+    def _stabilize_(self, tensor):
+        '''The stabilized ``tensor``, in place if the stabilizer allows.'''
+        if isinstance(self.stabilizer, SignStabilizer):
+            return self.stabilizer.stabilize_(tensor)
+        return self.stabilizer(tensor)
+
     def backward_relevance(self, module, inputs, output, relevance_out, variable):
         if relevance_out is None:
             return (None,) * len(inputs)
@@ -632,45 +678,52 @@ class AttentionRule(AttnHook):
         share_query, share_key = MatMulRule._shares((var_query, var_key))
         scale = module.scale
         batch_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
-        rel_query = torch.empty(batch_shape + query.shape[-2:], dtype=query.dtype, device=query.device) \
+        rel_query = torch.zeros(batch_shape + query.shape[-2:], dtype=query.dtype, device=query.device) \
             if share_probabilities and share_query else None
         grad_key = torch.zeros(batch_shape + key.shape[-2:], dtype=key.dtype, device=key.device) \
             if share_probabilities and share_key else None
         grad_value = torch.zeros(batch_shape + value.shape[-2:], dtype=value.dtype, device=value.device) \
             if share_value else None
+        # the scale is applied to q (T x d) rather than to the scores (T x T)
+        scaled_query = query * scale
         for rows in self._blocks(query, key):
-            block_query = query[..., rows, :]
             block_mask = mask[..., rows, :] if mask is not None and mask.ndim > 1 and mask.shape[-2] != 1 else mask
-            scores = module.scores(block_query, key)
+            keys, blank = self._keys(block_mask, key.shape[-2], threshold)
+            block_key, block_value = key[..., keys, :], value[..., keys, :]
+            if block_mask is not None:
+                block_mask = block_mask[..., keys]
+            scores = scaled_query[..., rows, :] @ block_key.transpose(-1, -2)
             masked = scores if block_mask is None else scores + block_mask
             probabilities = torch.softmax(masked, -1)
             ratio = relevance[..., rows, :] / self.stabilizer(output[..., rows, :])
             if grad_value is not None:
-                grad_value += probabilities.transpose(-1, -2) @ ratio
+                grad_value[..., keys, :] += probabilities.transpose(-1, -2) @ ratio
             if not share_probabilities:
                 continue
-            rel_probabilities = (ratio @ value.transpose(-1, -2)).mul_(probabilities)
-            if share_probabilities != 1.:
-                rel_probabilities.mul_(share_probabilities)
-            # softmax (Prop. 3.1): masked inputs count as 0
-            rel_masked = rel_probabilities.sub_(probabilities.mul_(rel_probabilities.sum(-1, keepdim=True)))
+            # context product, then the softmax (Prop. 3.1), both without the share, which is applied at the end:
+            # t = R_P - P * sum(R_P) with R_P = P * (r @ v^T)
+            rel_scores = (ratio @ block_value.transpose(-1, -2)).mul_(probabilities)
+            rel_scores.sub_(probabilities.mul_(rel_scores.sum(-1, keepdim=True)))
             if block_mask is None:
-                rel_masked.mul_(masked)
+                rel_scores.mul_(scores)
             else:
-                rel_masked.mul_(masked.masked_fill(masked <= threshold, 0.))
-                # ε-sum: the mask absorbs its share
-                rel_masked.mul_(scores).div_(self.stabilizer(masked))
-            ratio_scores = rel_masked.div_(self.stabilizer(scores))
+                # masked inputs count as 0 in the softmax rule. Their probability is exactly 0, and so is t, unless the
+                # whole row is masked (uniform probabilities): clamping avoids 0 * -inf, and such rows are zeroed.
+                rel_scores.mul_(masked.clamp(min=threshold))
+                if blank is not None:
+                    rel_scores.mul_(blank)
+                # the ε-sum rule: the mask absorbs its share
+                rel_scores.mul_(scores).div_(self._stabilize_(masked))
+            # the score product: r0 = R_S0 / stab(S0)
+            rel_scores.div_(self._stabilize_(scores))
             if rel_query is not None:
-                rel_query[..., rows, :] = ratio_scores @ key
+                rel_query[..., rows, :] = rel_scores @ block_key
             if grad_key is not None:
-                grad_key += ratio_scores.transpose(-1, -2) @ block_query
-        rel_query = None if rel_query is None else _unbroadcast(
-            query * rel_query.mul_(share_query * scale), query.shape
-        )
-        rel_key = None if grad_key is None else _unbroadcast(
-            key * grad_key.mul_(share_key * scale), key.shape
-        )
+                grad_key[..., keys, :] += rel_scores.transpose(-1, -2) @ query[..., rows, :]
+        factor_query = share_probabilities * share_query * scale
+        factor_key = share_probabilities * share_key * scale
+        rel_query = None if rel_query is None else _unbroadcast(query * rel_query.mul_(factor_query), query.shape)
+        rel_key = None if grad_key is None else _unbroadcast(key * grad_key.mul_(factor_key), key.shape)
         rel_value = None if grad_value is None else _unbroadcast(value * grad_value.mul_(share_value), value.shape)
         return rel_query, rel_key, rel_value
 
@@ -804,32 +857,33 @@ class Epsilon(AttnHook):
         bias = module.bias.to(output.dtype)
         return bias if _LinearOp.is_linear(module) else bias.reshape((-1,) + (1,) * (output.ndim - 2))
 
-    def _output(self, module, x, output, relevance):
-        '''The kept ``output``, or (if it was not kept) ``W x + b`` recomputed; for linear layers only for the rows
-        (tokens) whose relevance is non-zero, the others are 0 and receive no relevance either way.
-        '''
+    def relevance(self, module, inputs, output, relevance, variable):
+        (x,) = inputs
         if not output.is_meta:
-            return output
+            return (self.layer_relevance(module, x, output, relevance),)
         weight = module.weight.to(x.dtype)
         bias = self._bias(module, relevance)
         if not _LinearOp.is_linear(module):
-            result = _LinearOp.forward(module, x, weight)
-            return result if bias is None else result + bias
+            output = _LinearOp.forward(module, x, weight)
+            return (self.layer_relevance(module, x, output if bias is None else output + bias, relevance),)
+        # the output was not kept (a widening layer such as a vocabulary head): recompute it for the rows (tokens) that
+        # receive relevance only, and compute their relevance; the other rows get none either way
         flat_x, flat_relevance = x.reshape(-1, x.shape[-1]), relevance.reshape(-1, relevance.shape[-1])
         rows = flat_relevance.ne(0).any(-1).nonzero().squeeze(-1)
-        flat = torch.zeros_like(flat_relevance)
-        selected = _LinearOp.forward(module, flat_x[rows], weight)
-        flat[rows] = selected if bias is None else selected + bias
-        return flat.reshape(relevance.shape)
+        x_rows, relevance_rows = flat_x[rows], flat_relevance[rows]
+        output_rows = _LinearOp.forward(module, x_rows, weight)
+        output_rows = output_rows if bias is None else output_rows + bias
+        result = torch.zeros_like(flat_x)
+        result[rows] = self.layer_relevance(module, x_rows, output_rows, relevance_rows)
+        return (result.reshape(x.shape),)
 
-    def relevance(self, module, inputs, output, relevance, variable):
-        (x,) = inputs
-        output = self._output(module, x, output, relevance)
+    def layer_relevance(self, module, x, output, relevance):
+        '''The relevance of ``x`` from the layer's ``output`` and its ``relevance``.'''
         bias = self._bias(module, output)
         if self.no_bias and bias is not None:
             output = output - bias
         ratio = relevance / self.stabilizer(output)
-        return (x * _LinearOp.transpose(module, x, module.weight.to(x.dtype), ratio),)
+        return x * _LinearOp.transpose(module, x, module.weight.to(x.dtype), ratio)
 
 
 class Gamma(Epsilon):
@@ -856,9 +910,7 @@ class Gamma(Epsilon):
     def _copy_kwargs(self):
         return {'gamma': self.gamma, 'stabilizer': self.epsilon, 'zero_params': self.zero_params}
 
-    def relevance(self, module, inputs, output, relevance, variable):
-        (x,) = inputs
-        output = self._output(module, x, output, relevance)
+    def layer_relevance(self, module, x, output, relevance):
         gamma = self.gamma
         weight = module.weight.to(x.dtype)
         bias = self._bias(module, output)
@@ -877,4 +929,4 @@ class Gamma(Epsilon):
         neg = relevance * (output < 0) / self.stabilizer(denominator + gamma * ((plain - magnitude) / 2 + neg_bias))
         signed = _LinearOp.transpose(module, x, weight, pos + neg)
         absolute = _LinearOp.transpose(module, x, weight.abs(), pos - neg)
-        return ((1 + gamma / 2) * x * signed + (gamma / 2) * x.abs() * absolute,)
+        return (1 + gamma / 2) * x * signed + (gamma / 2) * x.abs() * absolute

@@ -7,12 +7,12 @@ All of them share one decoder layout, unfolded here by three canonizers per fami
   :py:class:`~zennit_attn.layers.Sum` (Gemma3's "sandwich" norms around attention and MLP included).
 * :py:class:`DecoderAttentionCanonizer`: the attention, written with hookable ops: the module's own q/k/v/o
   projections (role ``'attention_projection'``), optional q/k RMSNorms (Qwen3, Gemma3), one
-  :py:class:`~zennit_attn.layers.RotaryEmbedding` for q and one for k, grouped-query ``repeat_kv`` (an expand),
-  :py:class:`~zennit_attn.layers.AttentionScores` with the scaling folded in, optional logit soft-capping for
-  families whose attention applies it (:py:class:`~zennit_attn.layers.Scale`, :py:class:`torch.nn.Tanh`,
-  :py:class:`~zennit_attn.layers.Scale`), the additive eager mask through a :py:class:`~zennit_attn.layers.Sum`,
-  :py:class:`~zennit_attn.layers.AttentionSoftmax` in float32 (cast back afterwards) and
-  :py:class:`~zennit_attn.layers.AttentionContext`.
+  :py:class:`~zennit_attn.layers.RotaryEmbedding` for q and one for k, grouped-query ``repeat_kv`` (an expand), and
+  the attention core ``softmax((q @ k^T) * scaling + mask) @ v`` with the softmax in float32 (cast back afterwards):
+  one :py:class:`~zennit_attn.layers.AttentionCore`, or the unfolded chain (see
+  :py:mod:`zennit_attn.canonizers.attention`), which also carries optional logit soft-capping for families whose
+  attention applies it (:py:class:`~zennit_attn.layers.Scale`, :py:class:`torch.nn.Tanh`,
+  :py:class:`~zennit_attn.layers.Scale` before the mask).
 * :py:class:`GatedMLPCanonizer`: ``down(act(gate(x)) * up(x))`` with a :py:class:`~zennit_attn.layers.GatedProduct`.
 
 Every family group also contains :py:class:`~zennit_attn.canonizers.transformers.common.EagerAttentionCanonizer`, so
