@@ -61,6 +61,15 @@ def ref_attention(query, key, value, mask, masked, relevance, epsilon, scale, cp
     )
 
 
+def assert_relevances(actual, expected, rtol=1e-10):
+    '''Each relevance is None where the reference is None, and close to it (and finite) otherwise.'''
+    for rel, ref in zip(actual, expected):
+        if ref is None:
+            assert rel is None
+        else:
+            assert_close(rel, ref, rtol=rtol)
+
+
 def core_inputs(generator, shapes, mask_kind, dtype=torch.float64, variable=(1, 1, 1)):
     '''Random (q, k, v[, mask]) for a core call; input-dependent ones require a gradient.'''
     tensors = [randn(generator, *shape).to(dtype).requires_grad_(bool(var)) for shape, var in zip(shapes, variable)]
@@ -113,16 +122,9 @@ def test_attention_rule_matches_reference(generator, shapes, mask_kind, block, c
     rule = (rules.CPAttentionRule if cp_lrp else rules.AttentionRule)(epsilon=1e-2, block_elements=block)
     _, actual = attribute(layers.AttentionCore(scale=0.6), rule, args, relevance)
     expected = ref_attention(*args[:3], mask, masked, relevance, 1e-2, 0.6, cp_lrp=cp_lrp)
-    for rel, ref in zip(actual, expected):
-        if ref is None:
-            assert rel is None
-        else:
-            assert_close(rel, ref, rtol=1e-10)
+    assert_relevances(actual, expected)
     if mask is not None:
         assert actual[3] is None  # the mask is a constant
-        for rel in actual[:2]:
-            if rel is not None and masked.all(-2).any():
-                assert torch.isfinite(rel).all()
 
 
 @pytest.mark.parametrize('epsilon', EPSILONS, ids=EPSILON_IDS)
@@ -134,8 +136,7 @@ def test_attention_rule_epsilons_and_scales(generator, epsilon, scale, scale_out
     rule = rules.AttentionRule(epsilon=epsilon, block_elements=20)
     _, actual = attribute(layers.AttentionCore(scale=scale, scale_output=scale_output), rule, args, relevance)
     expected = ref_attention(*args[:3], mask, masked, relevance, epsilon, scale)
-    for rel, ref in zip(actual, expected):
-        assert_close(rel, ref, rtol=1e-10)
+    assert_relevances(actual, expected)
 
 
 @pytest.mark.parametrize('variable', [(0, 1, 1), (1, 0, 1), (1, 1, 0), (0, 0, 1), (1, 0, 0)])
@@ -146,11 +147,7 @@ def test_attention_rule_constant_operands(generator, variable):
     relevance = randn(generator, *output_shape(shapes))
     _, actual = attribute(layers.AttentionCore(scale=0.5), rules.AttentionRule(epsilon=1e-3), args, relevance)
     expected = ref_attention(*args[:3], mask, masked, relevance, 1e-3, 0.5, variable=variable)
-    for rel, ref in zip(actual, expected):
-        if ref is None:
-            assert rel is None
-        else:
-            assert_close(rel, ref, rtol=1e-10)
+    assert_relevances(actual, expected)
 
 
 def test_attention_rule_sum_has_the_softmax_closed_form(generator):
@@ -197,6 +194,24 @@ class Unfolded(torch.nn.Module):
         return self.context(probabilities, value)
 
 
+def unfolded_relevance(args, relevance, cp_lrp=False, epsilon=1e-6, softmax_dtype=None):
+    '''Output and relevance of (q, k, v) from the separate rules on the unfolded chain (scale 0.5).'''
+    unfolded = Unfolded(0.5, softmax_dtype)
+    chain = {
+        'scores': rules.StopRule() if cp_lrp else rules.MatMulRule(epsilon=epsilon),
+        'mask': rules.StopRule() if cp_lrp else rules.SumRule(epsilon=epsilon),
+        'softmax': rules.StopRule() if cp_lrp else rules.SoftmaxRule(),
+        'context': rules.CPMatMulRule(epsilon=epsilon) if cp_lrp else rules.MatMulRule(epsilon=epsilon),
+    }
+    handles = [rule.register(getattr(unfolded, name)) for name, rule in chain.items()]
+    try:
+        output = unfolded(*args)
+        return output, torch.autograd.grad(output, args[:3], relevance, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize('cp_lrp', [False, True], ids=['attnlrp', 'cp_lrp'])
 def test_attention_rule_equals_the_separate_rules_in_low_precision(generator, dtype, cp_lrp):
@@ -209,29 +224,11 @@ def test_attention_rule_equals_the_separate_rules_in_low_precision(generator, dt
     fused_rule = (rules.CPAttentionRule if cp_lrp else rules.AttentionRule)(epsilon=1e-3, block_elements=30)
     output, fused = attribute(layers.AttentionCore(scale=0.5, scale_output=True, softmax_dtype=torch.float32),
                               fused_rule, args, relevance)
-    unfolded = Unfolded(0.5, torch.float32)
-    chain = {
-        'scores': rules.StopRule() if cp_lrp else rules.MatMulRule(epsilon=1e-3),
-        'mask': rules.StopRule() if cp_lrp else rules.SumRule(epsilon=1e-3),
-        'softmax': rules.StopRule() if cp_lrp else rules.SoftmaxRule(),
-        'context': rules.CPMatMulRule(epsilon=1e-3) if cp_lrp else rules.MatMulRule(epsilon=1e-3),
-    }
-    handles = [rule.register(getattr(unfolded, name)) for name, rule in chain.items()]
-    try:
-        expected_output = unfolded(*args)
-        expected = torch.autograd.grad(expected_output, args[:3], relevance, allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
+    expected_output, expected = unfolded_relevance(args, relevance, cp_lrp, 1e-3, torch.float32)
     # half precision with the softmax in float32 runs the chain's expressions, float32 PyTorch's fused attention
     assert_close(output, expected_output, rtol=1e-6 if dtype == torch.float32 else 0.)
-    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
-    for rel, ref in zip(fused, expected):
-        if ref is None:
-            assert rel is None
-        else:
-            assert rel.dtype == dtype
-            assert_close(rel, ref, rtol=tolerance)
+    assert all(rel.dtype == dtype for rel in fused if rel is not None)
+    assert_relevances(fused, expected, rtol=1e-5 if dtype == torch.float32 else 3e-2)
 
 
 @pytest.mark.parametrize('block', [1, 2 ** 20], ids=['row', 'whole'])
@@ -245,17 +242,8 @@ def test_fully_masked_queries_get_what_the_separate_rules_give(generator, block)
     relevance = randn(generator, *output_shape(shapes))
     _, fused = attribute(layers.AttentionCore(scale=0.5, scale_output=True), rules.AttentionRule(block_elements=block),
                          args, relevance)
-    unfolded = Unfolded(0.5, None)
-    chain = {'scores': rules.MatMulRule(), 'mask': rules.SumRule(), 'softmax': rules.SoftmaxRule(),
-             'context': rules.MatMulRule()}
-    handles = [rule.register(getattr(unfolded, name)) for name, rule in chain.items()]
-    try:
-        expected = torch.autograd.grad(unfolded(*args), args[:3], relevance)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for rel, ref in zip(fused, expected):
-        assert_close(rel, ref, rtol=1e-10)
+    _, expected = unfolded_relevance(args, relevance)
+    assert_relevances(fused, expected)
     # the padding queries get no relevance from the scores, their values keep their share
     assert (fused[0][0, :, :2] == 0).all() and fused[2][0].abs().sum() > 0
 

@@ -21,6 +21,7 @@ from zennit_attn.canonizers import FAMILIES  # noqa: E402
 from zennit_attn.canonizers.transformers.bert import additive_mask  # noqa: E402
 from zennit_attn.composites import AttnLRP, AttnLRPViT, CPLRP, CPLRPViT, UnsupportedModelError  # noqa: E402
 
+from helpers import hooked_call_counts  # noqa: E402
 from oracle_hf import bert_classifier_logits, bert_encoder, oracle_relevance, vit_logits  # noqa: E402
 from restoration import assert_restored, relative_difference, snapshot  # noqa: E402
 
@@ -522,3 +523,33 @@ def test_two_families_in_one_model_are_both_restored():
     composite.remove()
     assert model.bert.config._attn_implementation == 'sdpa' and model.llama.config._attn_implementation == 'sdpa'
     assert_restored(model, before)
+
+
+@pytest.mark.parametrize('composite_type', [AttnLRP, CPLRP])
+def test_requested_attention_weights_use_the_unfolded_chain_with_the_same_relevance(composite_type):
+    '''With ``output_attentions=True`` the attention weights must exist, so the canonizer runs the unfolded chain
+    instead of the fused core: the weights equal the original model's, and the relevance equals the fused run's.
+    '''
+    from zennit_attn.attribution import EmbeddingsForward
+
+    model = make_model('bert')
+    input_ids, attention_mask, _ = text_batch()
+    original = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True).attentions
+    embeds = model.get_input_embeddings()(input_ids).detach()
+    seed = onehot([1, 2], 3)
+    relevances, calls = {}, {}
+    for requested in (False, True):
+        wrapper = EmbeddingsForward(model, attention_mask=attention_mask, output_attentions=requested)
+        composite = composite_type(epsilon=1e-12)
+        with Gradient(wrapper, composite) as attributor:
+            _, relevances[requested] = attributor(embeds, lambda y: y * seed)
+            calls[requested] = hooked_call_counts(wrapper, lambda: wrapper(embeds))
+            if requested:
+                weights = model(inputs_embeds=embeds, attention_mask=attention_mask, output_attentions=True).attentions
+    core = 'model.bert.encoder.layer.0.attention.self.attnlrp_attention'
+    softmax = 'model.bert.encoder.layer.0.attention.self.attnlrp_softmax'
+    assert (calls[False][core], calls[False][softmax]) == (1, 0)
+    assert (calls[True][core], calls[True][softmax]) == (0, 1)
+    assert relative_difference(relevances[True], relevances[False]) < 1e-9
+    for actual, expected in zip(weights, original):
+        assert torch.allclose(actual, expected, rtol=1e-10, atol=1e-12)

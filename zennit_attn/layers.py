@@ -5,7 +5,7 @@ embeddings, ...) therefore have to be unfolded into modules before a rule can se
 of these modules per call site: a module called twice in one forward keeps only the inputs of its last call.
 
 Every forward computes exactly the plain torch expression given in its docstring, so that a canonized model reproduces
-the original model's output.
+the original model's output; :py:class:`AttentionCore` uses PyTorch's fused attention where it can, equal up to rounding.
 '''
 import torch
 import torch.nn.functional as F
@@ -143,9 +143,10 @@ class AttentionMask(Sum):
 
 
 class AttentionCore(torch.nn.Module):
-    '''The core of scaled dot-product attention in one module, ``softmax(scale * q @ k^T + mask) @ v``, computed with
-    the same torch expressions (and rounding) as the unfolded chain :py:class:`AttentionScores`,
-    :py:class:`AttentionMask`, :py:class:`AttentionSoftmax`, :py:class:`AttentionContext`.
+    '''The core of scaled dot-product attention in one module, ``softmax(scale * q @ k^T + mask) @ v``: the computation
+    of the unfolded chain :py:class:`AttentionScores`, :py:class:`AttentionMask`, :py:class:`AttentionSoftmax`,
+    :py:class:`AttentionContext`, with :py:func:`torch.nn.functional.scaled_dot_product_attention` where the softmax
+    runs in the inputs' dtype (equal up to rounding) and with the chain's own expressions otherwise.
 
     One module lets one rule see the whole attention: it keeps ``q``, ``k``, ``v`` and the output and recomputes the
     scores and probabilities block by block in the backward pass (like fused attention kernels do for the gradient),

@@ -584,7 +584,8 @@ class AttentionRule(AttnHook):
     their partner the unhalved share, as in the separate rules; the mask is always a constant.
 
     Only ``q``, ``k``, ``v``, the mask and the output are kept; the scores and probabilities are recomputed in the
-    backward pass for blocks of queries at a time, so no ``T x T`` matrix of the whole layer is ever held.
+    backward pass for blocks of queries at a time, so no ``T x T`` matrix of the whole layer is ever held, and only for
+    the keys a block attends to (under a causal mask, up to the block's last query: about half the work).
 
     Parameters
     ----------
