@@ -153,7 +153,8 @@ def run_images(args, out, report):
         directory = os.path.join(out, f'image_{granularity}')
         save_results(results, directory)
         plot_results(results, directory, title=f'Fashion-MNIST ViT, {granularity} perturbation')
-        title = f'Fashion-MNIST ViT, {granularity} granularity' + (f' ({patch_size}x{patch_size})' if patch_size else '')
+        size = f' ({patch_size}x{patch_size})' if patch_size else ''
+        title = f'Fashion-MNIST ViT, {granularity} granularity{size}'
         table = results.markdown(title)
         report += [table, '', paired_lines(results), '']
         log(f'{granularity} granularity done in {time.perf_counter() - started:.0f} s\n{table}')
@@ -314,7 +315,8 @@ def merge(parts):
     for label in parts[0].methods:
         morf = torch.cat([part.methods[label].morf for part in parts])
         lerf = torch.cat([part.methods[label].lerf for part in parts])
-        methods[label] = MethodResult(morf=morf, lerf=lerf, abpc=torch.cat([part.methods[label].abpc for part in parts]))
+        abpc = torch.cat([part.methods[label].abpc for part in parts])
+        methods[label] = MethodResult(morf=morf, lerf=lerf, abpc=abpc)
     metadata = dict(parts[0].metadata, samples=sum(part.methods[label].abpc.numel() for part in parts))
     return FaithfulnessResults(fractions=parts[0].fractions, methods=methods, metadata=metadata)
 

@@ -110,7 +110,8 @@ def peak_in_child(setting, method, args):
     if args.device != 'cpu' or not os.path.exists('/proc/self/clear_refs'):
         return None
     command = [
-        sys.executable, __file__, '--child-peak', setting, method, '--device', args.device, '--n-iter', str(args.n_iter),
+        sys.executable, __file__, '--child-peak', setting, method, '--device', args.device,
+        '--n-iter', str(args.n_iter),
     ]
     if args.threads:
         command += ['--threads', str(args.threads)]

@@ -317,7 +317,9 @@ def test_op_name():
 
 
 def test_adding_constant_zeros_is_not_a_finding_but_a_constant_bias_is():
-    '''x + 0 (a constant zero tensor) passes relevance unchanged; x + c with c != 0 absorbs relevance and is reported.'''
+    '''x + 0 (a constant zero tensor) passes relevance unchanged; x + c with c != 0 absorbs relevance and is
+    reported.
+    '''
     class AddConstant(torch.nn.Module):
         def __init__(self, value):
             super().__init__()

@@ -236,8 +236,16 @@ def test_evaluate_save_and_plot(tmp_path):
     assert saved['per_sample_abpc']['random'] == pytest.approx(results.methods['random'].abpc.tolist())
     assert len(list(csv.DictReader(open(paths[1])))) == 3
     assert len(list(csv.DictReader(open(paths[2])))) == 3 * 2 * 5
-    for path in plot_results(results, tmp_path):
-        assert open(path, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+    import matplotlib
+    backend = matplotlib.get_backend()
+    matplotlib.use('svg')
+    try:
+        for path in plot_results(results, tmp_path):
+            assert open(path, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+        # drawn on an Agg canvas of its own: the caller's backend is left alone
+        assert matplotlib.get_backend() == 'svg'
+    finally:
+        matplotlib.use(backend)
 
 
 def test_evaluate_accepts_labels_options_and_callables():

@@ -1228,7 +1228,8 @@ def test_valid_padding_convolution_equals_zennit_and_unbatched_input_is_refused(
     module = torch.nn.Conv2d(2, 3, 3, padding='valid').double()
     x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
     relevance_out = torch.randn_like(module(x))
-    for reference_rule, rule in ((zennit.rules.Epsilon(1e-3), rules.Epsilon(1e-3)), (zennit.rules.Gamma(), rules.Gamma())):
+    pairs = ((zennit.rules.Epsilon(1e-3), rules.Epsilon(1e-3)), (zennit.rules.Gamma(), rules.Gamma()))
+    for reference_rule, rule in pairs:
         expected = linear_relevance(module, reference_rule, x, relevance_out)
         assert torch.allclose(linear_relevance(module, rule, x, relevance_out), expected, rtol=1e-10, atol=1e-12)
     rules.Epsilon().register(module)

@@ -211,7 +211,8 @@ def test_vision_preset_matches_zennit_gamma_and_epsilon():
             if isinstance(module, torch.nn.Conv2d):
                 return zennit.rules.Gamma(gamma=0.25, stabilizer=1e-9)
             if isinstance(module, torch.nn.Linear):
-                if isinstance(module, attention_projection) or name.split('.')[-1].endswith(('q_proj', 'k_proj', 'v_proj')):
+                projection = name.split('.')[-1].endswith(('q_proj', 'k_proj', 'v_proj'))
+                if isinstance(module, attention_projection) or projection:
                     return zennit.rules.Epsilon(epsilon=1e-9)
                 return zennit.rules.Gamma(gamma=0.05, stabilizer=1e-9)
             return super().mapping(ctx, name, module)

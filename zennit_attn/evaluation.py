@@ -440,17 +440,21 @@ def save_results(results, directory, prefix='faithfulness'):
 
 def plot_results(results, directory, prefix='faithfulness', title=None):
     '''Save ``<prefix>_curves.png`` (mean MoRF and LeRF curves per method) and ``<prefix>_abpc.png`` (mean ABPC with
-    standard-error bars) into ``directory`` (matplotlib, Agg backend); returns the paths.'''
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    standard-error bars) into ``directory``; returns the paths. The figures are drawn on matplotlib's Agg canvas
+    directly, not through pyplot, so the caller's backend and figures are left alone.'''
+    from matplotlib import colormaps
+    from .image import mpl
 
+    classes = mpl()
     os.makedirs(directory, exist_ok=True)
     fractions = results.fractions.numpy()
     names = [row['method'] for row in results.summary()]
-    figure, axes = plt.subplots(1, 2, figsize=(13, 4.2), sharey=True)
-    colors = plt.get_cmap('tab20').colors
-    for axis, order, label in zip(axes, ('morf', 'lerf'), ('MoRF (most relevant first)', 'LeRF (least relevant first)')):
+    figure = classes.Figure(figsize=(13, 4.2))
+    classes.FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2, sharey=True)
+    colors = colormaps['tab20'].colors
+    labels = ('MoRF (most relevant first)', 'LeRF (least relevant first)')
+    for axis, order, label in zip(axes, ('morf', 'lerf'), labels):
         for number, name in enumerate(names):
             style = dict(color='gray', linestyle='--') if name == 'random' else dict(
                 color=colors[(2 * number) % 20 + (2 * number) // 20 % 2], linestyle=('-', '-.', ':')[number // 20 % 3],
@@ -466,10 +470,11 @@ def plot_results(results, directory, prefix='faithfulness', title=None):
     figure.tight_layout()
     curve_path = os.path.join(directory, f'{prefix}_curves.png')
     figure.savefig(curve_path, dpi=120)
-    plt.close(figure)
 
     rows = results.summary()
-    figure, axis = plt.subplots(figsize=(max(5, 0.8 * len(rows) + 2), 4))
+    figure = classes.Figure(figsize=(max(5, 0.8 * len(rows) + 2), 4))
+    classes.FigureCanvasAgg(figure)
+    axis = figure.subplots()
     colors = ['gray' if row['method'] == 'random' else 'C0' for row in rows]
     axis.bar(range(len(rows)), [row['abpc_mean'] for row in rows], yerr=[row['abpc_se'] for row in rows],
              color=colors, capsize=3)
@@ -481,7 +486,6 @@ def plot_results(results, directory, prefix='faithfulness', title=None):
     figure.tight_layout()
     bar_path = os.path.join(directory, f'{prefix}_abpc.png')
     figure.savefig(bar_path, dpi=120)
-    plt.close(figure)
     return [curve_path, bar_path]
 
 

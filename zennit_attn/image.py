@@ -17,8 +17,9 @@ from zennit.image import get_cmap
 def mpl():
     '''The matplotlib classes used for figures, imported on first use.
 
-    Heatmaps, overlays and PNGs need only numpy and Pillow, so importing this module does not import matplotlib. Figures are built on the Agg canvas directly, never through
-    pyplot, so no global backend is switched and no figure needs closing.
+    Heatmaps, overlays and PNGs need only numpy and Pillow, so importing this module does not import matplotlib.
+    Figures are built on the Agg canvas directly, never through pyplot, so no global backend is switched and no figure
+    needs closing.
 
     Returns
     -------

@@ -5,7 +5,8 @@ embeddings, ...) therefore have to be unfolded into modules before a rule can se
 of these modules per call site: a module called twice in one forward keeps only the inputs of its last call.
 
 Every forward computes exactly the plain torch expression given in its docstring, so that a canonized model reproduces
-the original model's output; :py:class:`AttentionCore` uses PyTorch's fused attention where it can, equal up to rounding.
+the original model's output; :py:class:`AttentionCore` uses PyTorch's fused attention where it can (equal up to
+rounding).
 '''
 import torch
 import torch.nn.functional as F

@@ -21,8 +21,9 @@ Methods
 ``'input_x_gradient'``
     ``x ⊙ ∂y_t/∂x``.
 ``'integrated_gradients'``
-    :py:class:`zennit.attribution.IntegratedGradients`, Zennit's defaults: zero baseline (``baseline_fn=torch.zeros_like``),
-    ``n_iter=20`` right-Riemann steps ``α ∈ {1/20, ..., 1}``; the result already includes ``× (x − baseline)``.
+    :py:class:`zennit.attribution.IntegratedGradients`, Zennit's defaults: zero baseline
+    (``baseline_fn=torch.zeros_like``), ``n_iter=20`` right-Riemann steps ``α ∈ {1/20, ..., 1}``; the result already
+    includes ``× (x − baseline)``.
     Options: ``n_iter``, ``baseline_fn``.
 ``'smoothgrad'``
     :py:class:`zennit.attribution.SmoothGrad` with ``noise_level=0.1`` (σ = 0.1 · (max − min) of each sample) and
@@ -216,8 +217,8 @@ class RecordAttention:
 
 
 def _patch_map(vit, tokens_map, inputs):
-    '''Class-token row over the patches ``(batch, patches)`` -> ``inputs``-shaped map, nearest upsampling, divided by the
-    number of channels.'''
+    '''Class-token row over the patches ``(batch, patches)`` -> ``inputs``-shaped map, nearest upsampling, divided by
+    the number of channels.'''
     batch, channels, height, width = inputs.shape
     rows, cols = height // vit.patch_size, width // vit.patch_size
     patches = tokens_map.reshape(batch, 1, rows, cols)

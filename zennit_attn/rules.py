@@ -511,7 +511,8 @@ class LayerNormRule(AttnHook):
 
     def _check_call(self, module, args, kwargs):
         super()._check_call(module, args, kwargs)
-        if not hasattr(module, 'normalized_shape') or not (hasattr(module, 'eps') or hasattr(module, 'variance_epsilon')):
+        has_eps = hasattr(module, 'eps') or hasattr(module, 'variance_epsilon')
+        if not hasattr(module, 'normalized_shape') or not has_eps:
             raise TypeError(
                 f'LayerNormRule on {type(module).__name__}: the module needs `normalized_shape` and `eps` like '
                 'torch.nn.LayerNorm; use RMSNormRule for RMS normalisations.'

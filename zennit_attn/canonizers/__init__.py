@@ -9,7 +9,8 @@ from .torchvision import (
 )
 
 __all__ = [
-    'ForwardCanonizer', 'AttentionCanonizer', 'attention_ops', 'attend', 'CanonizerGroup', 'MultiheadAttentionCanonizer', 'EncoderBlockCanonizer', 'EncoderCanonizer',
+    'ForwardCanonizer', 'AttentionCanonizer', 'attention_ops', 'attend', 'CanonizerGroup',
+    'MultiheadAttentionCanonizer', 'EncoderBlockCanonizer', 'EncoderCanonizer',
     'VisionTransformerCanonizer', 'FAMILIES', 'register_family', 'detect_canonizers',
 ]
 

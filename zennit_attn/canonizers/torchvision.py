@@ -2,7 +2,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 from torchvision.models.vision_transformer import Encoder, EncoderBlock, VisionTransformer
 
 from .. import layers

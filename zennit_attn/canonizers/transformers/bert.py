@@ -26,7 +26,6 @@ import sys
 from importlib import import_module
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import EncoderDecoderCache
 
 from ... import layers

@@ -15,7 +15,6 @@ modules; ``Conv1D`` gets the ε-rule (:py:class:`zennit_attn.types.LinearLike`).
 cross-attention (``add_cross_attention``), ``reorder_and_upcast_attn``, ``token_type_ids``.
 '''
 import torch
-import torch.nn.functional as F
 
 from transformers.models.gpt2 import modeling_gpt2
 

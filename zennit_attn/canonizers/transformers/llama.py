@@ -32,7 +32,6 @@ supported: the cached keys and values are constants, so their share of relevance
 import inspect
 
 import torch
-import torch.nn.functional as F
 
 from ... import layers
 from .. import register_family

@@ -9,15 +9,14 @@ Unfolded operations:
   ``x * (1 - m) + t * m`` as a :py:class:`~zennit_attn.layers.Product` with a constant and a Sum. The patch embedding
   is a ``Conv2d`` (γ in the vision preset).
 * ``ViTAttention``: ``q_proj``/``k_proj``/``v_proj``/``o_proj`` keep their Linear (role ``'attention_projection'``),
-  and the attention core of :py:mod:`zennit_attn.canonizers.attention` (one :py:class:`~zennit_attn.layers.AttentionCore`
-  or the unfolded chain) with the optional additive mask; the softmax runs in float32 for half-precision inputs, as the
-  eager code (a second set of ops with the suffix ``_float32``).
+  and the attention core of :py:mod:`zennit_attn.canonizers.attention` (one
+  :py:class:`~zennit_attn.layers.AttentionCore` or the unfolded chain) with the optional additive mask; the softmax runs
+  in float32 for half-precision inputs, as the eager code (a second set of ops with the suffix ``_float32``).
 * ``ViTLayer``: the two residual sums.
 
 LayerNorms get the LayerNorm rule by type; the MLP activation and the pooler activation are modules already.
 '''
 import torch
-import torch.nn.functional as F
 from transformers.models.vit import modeling_vit
 
 from ... import layers
