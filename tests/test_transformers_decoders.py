@@ -433,11 +433,14 @@ def test_gpt2_unsupported_variants_raise_and_restore(overrides, message):
 
 @pytest.mark.parametrize('family', FAMILY_NAMES)
 @pytest.mark.parametrize('composite_type', [AttnLRP, CPLRP])
-def test_coverage_lint_finds_no_unhooked_op(family, composite_type):
-    '''zennit_attn.check reports nothing on every supported decoder family (padded batch, sliding windows).'''
+@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'unfolded'])
+def test_coverage_lint_finds_no_unhooked_op(family, composite_type, fused):
+    '''zennit_attn.check reports nothing on every supported decoder family (padded batch, sliding windows), with the
+    fused attention core and with the unfolded chain.
+    '''
     from zennit_attn import check
 
     model = make_model(family)
     embeds, mask, positions = inputs(model)
-    report = check(NextToken(model, mask, positions), composite_type(), embeds)
+    report = check(NextToken(model, mask, positions), composite_type(fused_attention=fused), embeds)
     assert report.ok, str(report)
