@@ -1187,6 +1187,28 @@ def test_epsilon_rejects_unsupported_layers():
         module(torch.randn(1, 2, 5, 5, requires_grad=True))
 
 
+@pytest.mark.parametrize('activation', [torch.nn.ReLU, torch.nn.SiLU, torch.nn.LeakyReLU, torch.nn.Hardtanh])
+def test_in_place_activation_gets_the_relevance_of_its_out_of_place_twin(activation):
+    '''``ReLU(inplace=True)`` after a hooked layer would modify a rule node's output (forbidden by autograd, and it
+    would change what the layer's rule kept): it works on a copy, with the same output and relevance as
+    ``inplace=False``, and the module keeps its flag.
+    '''
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    results = []
+    for inplace in (True, False):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 5), activation(inplace=inplace), torch.nn.Linear(5, 2)).double()
+        with Composite(module_map=lambda ctx, name, module: {
+            torch.nn.Linear: rules.Epsilon(1e-6), activation: rules.IdentityRule()
+        }.get(type(module))).context(model):
+            inputs = x.clone().requires_grad_()
+            output = model(inputs)
+            (relevance,) = torch.autograd.grad(output, inputs, output)
+        assert model[1].inplace is inplace
+        results.append((output, relevance))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 def test_module_called_twice_gets_relevance_of_each_call():
     '''Each call of a hooked module keeps its own inputs, so reusing a module instance stays correct.'''
     torch.manual_seed(0)

@@ -154,6 +154,8 @@ class AttnHook(Hook):
         super().__init__()
         self.epsilon = epsilon
         self.stabilizer = _stabilizer(epsilon)
+        # the unmodified inputs of an in-place module's running call (see pre_forward)
+        self.originals = None
 
     def _copy_kwargs(self):
         '''Keyword arguments that rebuild this rule in :py:meth:`copy`.'''
@@ -204,15 +206,29 @@ class AttnHook(Hook):
             module.register_forward_hook(self.post_forward, with_kwargs=True),
         ])
 
+    def _applies(self, args):
+        '''Whether this call gets a rule node: the rule is active, gradients are on and an input requires a gradient.'''
+        return self.active and torch.is_grad_enabled() and any(
+            isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args
+        )
+
     def pre_forward(self, module, args, kwargs):
-        '''Validate the call before the module runs.'''
+        '''Validate the call before the module runs; in-place modules (``inplace=True``, e.g. ``ReLU(inplace=True)``)
+        get copies of their inputs.
+        '''
         self._check_call(module, args, kwargs)
+        if getattr(module, 'inplace', False) is True and self._applies(args):
+            # the inputs are often outputs of other rules' nodes, which autograd forbids to modify in place; the copies
+            # are modified instead, and the rule connects its relevance to the unmodified inputs
+            self.originals = args
+            return tuple(arg.clone() for arg in args), kwargs
+        return None
 
     def post_forward(self, module, args, kwargs, output):
         '''Replace the output's graph by a single node whose backward is this rule.'''
-        if not self.active or not torch.is_grad_enabled():
-            return None
-        if not any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args):
+        if self.originals is not None:
+            args, self.originals = self.originals, None
+        if not self._applies(args):
             return None
         variable = tuple(_is_variable(arg) for arg in args)
         if not isinstance(output, torch.Tensor):
