@@ -146,8 +146,8 @@ class AttentionMask(Sum):
 class AttentionCore(torch.nn.Module):
     '''The core of scaled dot-product attention in one module, ``softmax(scale * q @ k^T + mask) @ v``: the computation
     of the unfolded chain :py:class:`AttentionScores`, :py:class:`AttentionMask`, :py:class:`AttentionSoftmax`,
-    :py:class:`AttentionContext`, with :py:func:`torch.nn.functional.scaled_dot_product_attention` where the softmax
-    runs in the inputs' dtype (equal up to rounding) and with the chain's own expressions otherwise.
+    :py:class:`AttentionContext`, with :py:func:`torch.nn.functional.scaled_dot_product_attention` where that is as
+    precise (see :py:meth:`fusable`; equal up to rounding) and with the chain's own expressions otherwise.
 
     One module lets one rule see the whole attention: it keeps ``q``, ``k``, ``v`` and the output and recomputes the
     scores and probabilities block by block in the backward pass (like fused attention kernels do for the gradient),
@@ -187,13 +187,23 @@ class AttentionCore(torch.nn.Module):
         probabilities = torch.softmax(self.scores(query, key, mask), -1, dtype=self.softmax_dtype)
         return probabilities.to(query.dtype if dtype is None else dtype)
 
-    def forward(self, query, key, value, mask=None):
-        '''Compute ``softmax(scale * q @ k^T + mask) @ v``: with PyTorch's fused
-        :py:func:`~torch.nn.functional.scaled_dot_product_attention` if the softmax runs in the dtype of the inputs
-        (equal to the unfolded chain up to rounding), else with the unfolded chain's expressions.
+    def fusable(self, query, key, value, mask=None):
+        '''Whether PyTorch's fused attention computes this call as precisely as the unfolded chain: one dtype for all
+        inputs, and a softmax in that dtype or, for half precision, in float32 (fused kernels accumulate in float32).
+        A float64 model whose softmax runs in float32 (as transformers' eager LLaMA code does) keeps the chain.
         '''
         dtypes = {query.dtype, key.dtype, value.dtype} | (set() if mask is None else {mask.dtype})
-        if self.softmax_dtype in (None, query.dtype) and len(dtypes) == 1:
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        return len(dtypes) == 1 and (
+            self.softmax_dtype in (None, query.dtype) or half and self.softmax_dtype == torch.float32
+        )
+
+    def forward(self, query, key, value, mask=None):
+        '''Compute ``softmax(scale * q @ k^T + mask) @ v``: with PyTorch's fused
+        :py:func:`~torch.nn.functional.scaled_dot_product_attention` where :py:meth:`fusable` (equal to the unfolded
+        chain up to rounding, and no ``T x T`` matrix in memory), else with the unfolded chain's expressions.
+        '''
+        if self.fusable(query, key, value, mask):
             batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
             query, key, value = (tensor.expand(batch + tensor.shape[-2:]) for tensor in (query, key, value))
             return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scale)
