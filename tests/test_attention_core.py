@@ -43,7 +43,8 @@ def ref_attention(query, key, value, mask, masked, relevance, epsilon, scale, cp
     scores = scale * torch.einsum('...id,...jd->...ij', query, key)
     full = scores if mask is None else scores + mask
     masked = torch.zeros_like(full, dtype=torch.bool) if masked is None else masked.expand(full.shape)
-    probabilities = torch.where(masked, 0., torch.softmax(torch.where(masked, -torch.inf, full), -1))
+    # masked keys get probability 0, queries with every key masked by a finite fill (left padding) uniform ones
+    probabilities = torch.softmax(full, -1)
     var_query, var_key, var_value = variable
     var_probabilities = (var_query or var_key) and not cp_lrp
     shares = (0.5, 0.5) if var_probabilities and var_value else (float(var_probabilities), float(var_value))
@@ -253,6 +254,42 @@ def test_fully_masked_queries_get_what_the_separate_rules_give(generator, block)
     assert_relevances(fused, expected)
     # the padding queries get no relevance from the scores, their values keep their share
     assert (fused[0][0, :, :2] == 0).all() and fused[2][0].abs().sum() > 0
+
+
+@pytest.mark.parametrize('mask_kind', ['none', 'causal-min', 'per-head'])
+@pytest.mark.parametrize('block', [1, 7, 2 ** 20], ids=['row', 'rows', 'whole'])
+@pytest.mark.parametrize('cp_lrp', [False, True], ids=['attnlrp', 'cp_lrp'])
+def test_grouped_query_attention_without_repeated_keys(generator, mask_kind, block, cp_lrp):
+    '''Keys and values with 2 heads for 6 query heads give the output and relevance of the composed references on
+    keys and values repeated per query head (summed over the copies, as the gradient of ``repeat_kv`` does), also with
+    fully masked queries and per-head masks.
+    '''
+    args, mask, masked = core_inputs(generator, ((2, 6, 9, 4), (2, 2, 9, 4), (2, 2, 9, 3)), 'none')
+    if mask_kind == 'causal-min':
+        mask, masked = additive_mask('causal-min', (2, 6, 9, 4), (2, 2, 9, 4), torch.float64)
+        mask, masked = mask.clone(), masked.clone()
+        mask[0, :, :2], masked[0, :, :2] = torch.finfo(torch.float64).min, True
+    elif mask_kind == 'per-head':
+        masked = torch.rand(2, 6, 9, 9, generator=generator, dtype=torch.float64) < 0.3
+        masked[..., 0] = False
+        mask = torch.zeros(masked.shape, dtype=torch.float64).masked_fill(masked, torch.finfo(torch.float64).min)
+    args = args + ([] if mask is None else [mask])
+    relevance = randn(generator, 2, 6, 9, 3)
+    rule = (rules.CPAttentionRule if cp_lrp else rules.AttentionRule)(epsilon=1e-3, block_elements=block)
+    output, actual = attribute(layers.AttentionCore(scale=0.5, scale_output=True), rule, args, relevance)
+    query, key, value = (arg.detach() for arg in args[:3])
+    repeated = [tensor.repeat_interleave(3, dim=1) for tensor in (key, value)]
+    expected_output = torch.softmax(0.5 * query @ repeated[0].mT + (0. if mask is None else mask), -1) @ repeated[1]
+    assert_close(output, expected_output, rtol=1e-12)
+    expected = ref_attention(query, *repeated, mask, masked, relevance, 1e-3, 0.5, cp_lrp=cp_lrp)
+    expected = expected[:1] + tuple(None if rel is None else rel.unflatten(1, (2, 3)).sum(2) for rel in expected[1:])
+    assert_relevances(actual, expected)
+
+
+def test_error_query_heads_not_divisible_by_key_heads(generator):
+    args, _, _ = core_inputs(generator, ((1, 6, 5, 4), (1, 4, 5, 4), (1, 4, 5, 4)), 'none')
+    with pytest.raises(ValueError, match=r'query heads \(6\) divisible by the number of key/value heads \(4\)'):
+        attribute(layers.AttentionCore(), rules.AttentionRule(), args, randn(generator, 1, 6, 5, 4))
 
 
 def test_attention_rule_keeps_no_matrix_of_scores(generator):

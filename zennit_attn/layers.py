@@ -149,6 +149,10 @@ class AttentionCore(torch.nn.Module):
     :py:class:`AttentionContext`, with :py:func:`torch.nn.functional.scaled_dot_product_attention` where that is as
     precise (see :py:meth:`fusable`; equal up to rounding) and with the chain's own expressions otherwise.
 
+    Grouped-query attention: ``k`` and ``v`` may have fewer heads (dimension -3) than ``q``, a divisor of them; query
+    head ``h`` then attends with key/value head ``h // groups`` (as ``repeat_kv`` in transformers), without ``k`` and
+    ``v`` being repeated in memory.
+
     One module lets one rule see the whole attention: it keeps ``q``, ``k``, ``v`` and the output and recomputes the
     scores and probabilities block by block in the backward pass (like fused attention kernels do for the gradient),
     instead of keeping two ``T x T`` matrices per layer. Called as ``(q, k, v)`` or ``(q, k, v, mask)``, with ``k`` not
@@ -203,10 +207,16 @@ class AttentionCore(torch.nn.Module):
         :py:func:`~torch.nn.functional.scaled_dot_product_attention` where :py:meth:`fusable` (equal to the unfolded
         chain up to rounding, and no ``T x T`` matrix in memory), else with the unfolded chain's expressions.
         '''
+        groups = query_groups(query, key)
         if self.fusable(query, key, value, mask):
+            if groups > 1:
+                return F.scaled_dot_product_attention(
+                    query, key, value, attn_mask=mask, scale=self.scale, enable_gqa=True
+                )
             batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
             query, key, value = (tensor.expand(batch + tensor.shape[-2:]) for tensor in (query, key, value))
             return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scale)
+        key, value = repeat_heads(key, groups), repeat_heads(value, groups)
         return self.probabilities(query, key, mask, dtype=value.dtype) @ value
 
     def extra_repr(self):
@@ -236,6 +246,32 @@ class MaskedMean(torch.nn.Module):
 
     def extra_repr(self):
         return f'dim={self.dim}'
+
+
+def query_groups(query, key):
+    '''The number of query heads per key/value head (dimension -3) of grouped-query attention, 1 otherwise (also when
+    ``key`` has a single head, which broadcasts).
+    '''
+    if query.ndim < 3 or key.ndim < 3 or key.shape[-3] in (1, query.shape[-3]):
+        return 1
+    heads, kv_heads = query.shape[-3], key.shape[-3]
+    if heads % kv_heads:
+        raise ValueError(
+            f'grouped-query attention needs a number of query heads ({heads}) divisible by the number of key/value '
+            f'heads ({kv_heads}).'
+        )
+    return heads // kv_heads
+
+
+def repeat_heads(tensor, repeats):
+    '''Repeat every head (dimension -3) ``repeats`` times in place order, as transformers' ``repeat_kv`` (an expand,
+    whose gradient sums the copies, so relevance needs no rule).
+    '''
+    if repeats == 1:
+        return tensor
+    shape = tensor.shape
+    expanded = tensor.unsqueeze(-3).expand(*shape[:-2], repeats, *shape[-2:])
+    return expanded.reshape(*shape[:-3], shape[-3] * repeats, *shape[-2:])
 
 
 def rotate_half(x):

@@ -12,7 +12,7 @@ follow their autograd graph back to its leaves.
 import torch
 from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
 
-from .layers import rotate_half
+from .layers import query_groups, repeat_heads, rotate_half
 
 
 __all__ = [
@@ -641,13 +641,15 @@ class AttentionRule(AttnHook):
             )
         return True, (True,) * len(inputs)
 
-    def _blocks(self, query, key):
-        '''Slices of query rows whose scores hold about ``block_elements`` elements.'''
+    def _blocks(self, query, key, align=1):
+        '''Slices of query rows whose scores hold about ``block_elements`` elements, starting at multiples of
+        ``align``.
+        '''
         batch = 1
         for size in torch.broadcast_shapes(query.shape[:-2], key.shape[:-2]):
             batch *= size
         rows, length = query.shape[-2], key.shape[-2]
-        step = max(1, self.block_elements // max(1, batch * length))
+        step = max(1, self.block_elements // max(1, batch * length)) // align * align or align
         return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
     @staticmethod
@@ -683,14 +685,43 @@ class AttentionRule(AttnHook):
         threshold = max(torch.finfo(score_dtype).min, torch.finfo(torch.float32).min) / 2
         mask = None if mask is None else mask.to(dtype)
         output, relevance = output.to(dtype), relevance_out.to(dtype)
-        relevances = self.attention_relevance(module, query, key, value, mask, output, relevance, variable, threshold)
+        groups = query_groups(query, key)
+        if groups > 1 and mask is not None and mask.ndim >= 3 and mask.shape[-3] != 1:
+            # grouped-query attention with a mask per query head: repeat keys and values for this backward pass
+            repeated = self.attention_relevance(
+                module, query, repeat_heads(key, groups), repeat_heads(value, groups), mask, output, relevance,
+                variable, threshold,
+            )
+            relevances = repeated[:1] + tuple(
+                None if rel is None else rel.unflatten(-3, (-1, groups)).sum(-3) for rel in repeated[1:]
+            )
+        elif groups > 1:
+            # grouped-query attention: the queries of a key/value head become rows (token-major, so that blocks of
+            # rows stay blocks of tokens for the mask and its key ranges)
+            def rows(tensor):
+                return tensor.unflatten(-3, (-1, groups)).transpose(-3, -2).flatten(-3, -2)
+
+            relevances = self.attention_relevance(
+                module, rows(query), key, value, mask, rows(output), rows(relevance), variable, threshold,
+                groups=groups,
+            )
+            rel_query = relevances[0]
+            if rel_query is not None:
+                rel_query = rel_query.unflatten(-2, (-1, groups)).transpose(-3, -2).flatten(-4, -3)
+            relevances = (rel_query,) + relevances[1:]
+        else:
+            relevances = self.attention_relevance(
+                module, query, key, value, mask, output, relevance, variable, threshold
+            )
         return tuple(
             None if rel is None or not var else rel.to(tensor.dtype)
             for rel, tensor, var in zip(relevances + (None,), inputs, variable)
         )
 
-    def attention_relevance(self, module, query, key, value, mask, output, relevance, variable, threshold):
-        '''Relevance of ``(q, k, v)`` (in the compute dtype), block by block over the queries.'''
+    def attention_relevance(self, module, query, key, value, mask, output, relevance, variable, threshold, groups=1):
+        '''Relevance of ``(q, k, v)`` (in the compute dtype), block by block over the queries. With ``groups > 1`` the
+        rows of ``q`` are ``groups`` query heads per token (token-major) and the mask's rows are tokens.
+        '''
         var_query, var_key, var_value = variable[:3]
         share_probabilities, share_value = MatMulRule._shares((var_query or var_key, var_value))
         share_query, share_key = MatMulRule._shares((var_query, var_key))
@@ -704,8 +735,12 @@ class AttentionRule(AttnHook):
             if share_value else None
         # the scale is applied to q (T x d) rather than to the scores (T x T)
         scaled_query = query * scale
-        for rows in self._blocks(query, key):
-            block_mask = mask[..., rows, :] if mask is not None and mask.ndim > 1 and mask.shape[-2] != 1 else mask
+        for rows in self._blocks(query, key, groups):
+            block_mask = mask
+            if mask is not None and mask.ndim > 1 and mask.shape[-2] != 1:
+                block_mask = mask[..., rows.start // groups:rows.stop // groups, :]
+                if groups > 1:
+                    block_mask = block_mask.repeat_interleave(groups, dim=-2)
             keys, blank = self._keys(block_mask, key.shape[-2], threshold)
             block_key, block_value = key[..., keys, :], value[..., keys, :]
             if block_mask is not None:
@@ -752,9 +787,10 @@ class CPAttentionRule(AttentionRule):
     :py:class:`CPMatMulRule` and :py:class:`StopRule` give on the unfolded ops. The probabilities are recomputed
     block by block in the backward pass.
     '''
-    def attention_relevance(self, module, query, key, value, mask, output, relevance, variable, threshold):
+    def attention_relevance(self, module, query, key, value, mask, output, relevance, variable, threshold, groups=1):
         return super().attention_relevance(
-            module, query, key, value, mask, output, relevance, (False, False) + tuple(variable[2:3]), threshold
+            module, query, key, value, mask, output, relevance, (False, False) + tuple(variable[2:3]), threshold,
+            groups=groups,
         )
 
 

@@ -53,7 +53,8 @@ def attend(ops, query, key, value, mask=None, dropout=0., training=False, need_w
     ops: dict[str, :py:obj:`torch.nn.Module`]
         The op modules of :py:func:`attention_ops`.
     query, key, value: :py:obj:`torch.Tensor`
-        ``(..., T_q, d)``, ``(..., T_k, d)`` (not transposed) and ``(..., T_k, d_v)``.
+        ``(..., T_q, d)``, ``(..., T_k, d)`` (not transposed) and ``(..., T_k, d_v)``; ``key`` and ``value`` may have
+        fewer heads (dimension -3) than ``query`` (grouped-query attention; repeated for the unfolded chain only).
     mask: :py:obj:`torch.Tensor`, optional
         Additive mask broadcastable to the scores.
     dropout: float, optional
@@ -75,6 +76,8 @@ def attend(ops, query, key, value, mask=None, dropout=0., training=False, need_w
     core = ops.get('attention' + suffix)
     if core is not None and score_transform is None and not need_weights and not (training and dropout):
         return core(*((query, key, value) if mask is None else (query, key, value, mask))), None
+    groups = layers.query_groups(query, key)
+    key, value = layers.repeat_heads(key, groups), layers.repeat_heads(value, groups)
     scores = ops['scores' + suffix](query, key.transpose(-1, -2))
     if score_transform is not None:
         scores = score_transform(scores)

@@ -7,8 +7,8 @@ All of them share one decoder layout, unfolded here by three canonizers per fami
   :py:class:`~zennit_attn.layers.Sum` (Gemma3's "sandwich" norms around attention and MLP included).
 * :py:class:`DecoderAttentionCanonizer`: the attention, written with hookable ops: the module's own q/k/v/o
   projections (role ``'attention_projection'``), optional q/k RMSNorms (Qwen3, Gemma3), one
-  :py:class:`~zennit_attn.layers.RotaryEmbedding` for q and one for k, grouped-query ``repeat_kv`` (an expand), and
-  the attention core ``softmax((q @ k^T) * scaling + mask) @ v`` with the softmax in float32 (cast back afterwards):
+  :py:class:`~zennit_attn.layers.RotaryEmbedding` for q and one for k, and the attention core (grouped-query
+  attention without repeating keys and values in the fused core) ``softmax((q @ k^T) * scaling + mask) @ v`` with the softmax in float32 (cast back afterwards):
   one :py:class:`~zennit_attn.layers.AttentionCore`, or the unfolded chain (see
   :py:mod:`zennit_attn.canonizers.attention`), which also carries optional logit soft-capping for families whose
   attention applies it (:py:class:`~zennit_attn.layers.Scale`, :py:class:`torch.nn.Tanh`,
@@ -84,17 +84,6 @@ def _keywords(module, args, kwargs):
         raise TypeError(f'{type(module).__name__}.forward got {len(args) + 1} positional arguments, expected at most '
                         f'{len(names) + 1}')
     return {**dict(zip(names, args)), **kwargs}
-
-
-def _repeat_kv(hidden_states, repeats):
-    '''Hugging Face's ``repeat_kv``: repeat every key/value head ``repeats`` times along dim 1 (an expand, whose
-    gradient sums the copies, so relevance needs no rule).
-    '''
-    if repeats == 1:
-        return hidden_states
-    batch, heads, length, head_dim = hidden_states.shape
-    expanded = hidden_states[:, :, None, :, :].expand(batch, heads, repeats, length, head_dim)
-    return expanded.reshape(batch, heads * repeats, length, head_dim)
 
 
 class DecoderLayerCanonizer(TypedForwardCanonizer):
@@ -221,9 +210,6 @@ class DecoderAttentionCanonizer(TypedForwardCanonizer):
 
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, module.layer_idx)
-
-        key = _repeat_kv(key, module.num_key_value_groups)
-        value = _repeat_kv(value, module.num_key_value_groups)
 
         softcap = None
         if 'softcap_tanh' in ops:
