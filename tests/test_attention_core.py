@@ -254,6 +254,15 @@ def test_fully_masked_queries_get_what_the_separate_rules_give(generator, block)
     assert_relevances(fused, expected)
     # the padding queries get no relevance from the scores, their values keep their share
     assert (fused[0][0, :, :2] == 0).all() and fused[2][0].abs().sum() > 0
+    # the same in float32 (whose mask minimum is only twice the unmasking threshold) with a mask that broadcasts over
+    # the keys (one value per query)
+    row_mask = torch.zeros(2, 1, 7, 1)
+    row_mask[0, :, :2] = torch.finfo(torch.float32).min
+    args = [arg.detach().float().requires_grad_() for arg in args[:3]] + [row_mask]
+    _, fused = attribute(layers.AttentionCore(scale=0.5, scale_output=True), rules.AttentionRule(block_elements=block),
+                         args, relevance.float())
+    assert_relevances(fused, unfolded_relevance(args, relevance.float())[1], rtol=1e-5)
+    assert (fused[0][0, :, :2] == 0).all()
 
 
 @pytest.mark.parametrize('mask_kind', ['none', 'causal-min', 'per-head'])

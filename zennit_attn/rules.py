@@ -474,14 +474,21 @@ class SumRule(AttnHook):
             return True, tuple(not var for var in variable)
         return False, (True, True)
 
+    @staticmethod
+    def _difference(output, kept):
+        '''The operand not kept, ``output - kept``; 0 where ``kept`` is infinite (a ``-inf`` mask), where the sum is
+        infinite too and its relevance ratio is 0 whatever the operand (``-inf - -inf`` would give NaN).
+        '''
+        return (output - kept).masked_fill(torch.isinf(kept), 0.)
+
     def relevance(self, module, inputs, output, relevance, variable):
         a, b = inputs
         if output.is_meta:
             output = a + b
         elif a.is_meta:
-            a = output - b
+            a = self._difference(output, b)
         elif b.is_meta:
-            b = output - a
+            b = self._difference(output, a)
         inputs = (a, b)
         ratio = relevance / self.stabilizer(output)
         return tuple(
@@ -544,9 +551,9 @@ class LayerNormRule(AttnHook):
         weight, bias = getattr(module, 'weight', None), getattr(module, 'bias', None)
         weight = None if weight is None else weight.to(x.dtype)
         bias = None if bias is None else bias.to(x.dtype)
-        output = torch.nn.functional.layer_norm(x, tuple(normalized_shape), weight, bias, eps)
-        sigma = (x.var(dims, unbiased=False, keepdim=True) + eps).sqrt()
-        u = relevance / self.stabilizer(output) / sigma
+        # one pass gives the output and 1 / sigma
+        output, _, inverse_sigma = torch.native_layer_norm(x, tuple(normalized_shape), weight, bias, eps)
+        u = relevance / self.stabilizer(output) * inverse_sigma.reshape(output.shape[:-len(dims)] + (1,) * len(dims))
         if weight is not None:
             u = u * weight
         return (x * (u - u.mean(dims, keepdim=True)),)
@@ -659,12 +666,15 @@ class AttentionRule(AttnHook):
         masked have uniform probabilities instead: then all keys, and a 0/1 factor that is 0 for those queries
         (``None`` if there are none).
         '''
-        if mask is None or mask.shape[-1] != length:
+        if mask is None:
             return slice(None), None
         attended = mask > threshold
         rows = attended.any(-1, keepdim=True)
         if not bool(rows.all()):
             return slice(None), rows.to(mask.dtype)
+        if mask.shape[-1] != length:
+            # the mask broadcasts over the keys
+            return slice(None), None
         columns = attended.reshape(-1, length).any(0).nonzero()
         return slice(int(columns[0]), int(columns[-1]) + 1), None
 
@@ -761,10 +771,10 @@ class AttentionRule(AttnHook):
                 rel_scores.mul_(scores)
             else:
                 # masked inputs count as 0 in the softmax rule. Their probability is exactly 0, and so is t, unless the
-                # whole row is masked (uniform probabilities): clamping avoids 0 * -inf, and such rows are zeroed.
-                rel_scores.mul_(masked.clamp(min=threshold))
+                # whole row is masked (uniform probabilities): such rows are zeroed first, then clamping avoids 0 * -inf
                 if blank is not None:
                     rel_scores.mul_(blank)
+                rel_scores.mul_(masked.clamp(min=threshold))
                 # the ε-sum rule: the mask absorbs its share
                 rel_scores.mul_(scores).div_(self._stabilize_(masked))
             # the score product: r0 = R_S0 / stab(S0)

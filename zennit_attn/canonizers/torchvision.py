@@ -50,7 +50,8 @@ class MultiheadAttentionCanonizer(AttentionCanonizer):
     ``F.multi_head_attention_forward`` uses the projection weights directly (``out_proj`` is never called as a module)
     and may run a fused kernel, so no rule could see any of its operations. The canonical forward computes
     ``out_proj(softmax(scale * q @ k^T + mask) @ v)`` with q/k/v projections as :py:class:`torch.nn.Linear` views of the
-    packed ``in_proj_weight`` (or the separate ``q/k/v_proj_weight``), the attention core of
+    packed ``in_proj_weight`` (or the separate ``q/k/v_proj_weight``; self-attention with a packed weight runs one
+    ``in_proj`` view over all three, which gives the same relevance in one matrix product), the attention core of
     :py:mod:`zennit_attn.canonizers.attention` (fused :py:class:`~zennit_attn.layers.AttentionCore`, or the unfolded
     chain when the weights are returned or dropout is active) and the module's own ``out_proj``. Masks are constants.
 
@@ -76,7 +77,12 @@ class MultiheadAttentionCanonizer(AttentionCanonizer):
         else:
             weights = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
         biases = (None,) * 3 if module.in_proj_bias is None else module.in_proj_bias.split(embed_dim)
+        # self-attention runs one packed projection (one matrix product instead of three, as torch's own forward);
+        # q/k/v views serve calls with distinct query, key and value
+        packed = {'in_proj': _linear_view(module.in_proj_weight, module.in_proj_bias)} \
+            if module._qkv_same_embed_dim else {}
         return {
+            **packed,
             'q_proj': _linear_view(weights[0], biases[0]),
             'k_proj': _linear_view(weights[1], biases[1]),
             'v_proj': _linear_view(weights[2], biases[2]),
@@ -84,7 +90,8 @@ class MultiheadAttentionCanonizer(AttentionCanonizer):
         }
 
     def make_roles(self, module):
-        roles = {self.ops[name]: 'attention_projection' for name in ('q_proj', 'k_proj', 'v_proj')}
+        roles = {self.ops[name]: 'attention_projection' for name in ('in_proj', 'q_proj', 'k_proj', 'v_proj')
+                 if name in self.ops}
         roles[module.out_proj] = 'attention_projection'
         return roles
 
@@ -93,6 +100,7 @@ class MultiheadAttentionCanonizer(AttentionCanonizer):
         is_causal=False,
     ):
         module, ops = self.module, self.ops
+        packed = 'in_proj' in ops and query is key and key is value
         if not module.batch_first and query.dim() == 3:
             query, key, value = (tensor.transpose(0, 1) for tensor in (query, key, value))
         unbatched = query.dim() == 2
@@ -107,9 +115,12 @@ class MultiheadAttentionCanonizer(AttentionCanonizer):
         def split_heads(tensor, length):
             return tensor.reshape(batch, length, heads, head_dim).transpose(1, 2)
 
-        q = split_heads(ops['q_proj'](query), target)
-        k = split_heads(ops['k_proj'](key), source)
-        v = split_heads(ops['v_proj'](value), source)
+        if packed:
+            q, k, v = (split_heads(tensor, target) for tensor in ops['in_proj'](query).chunk(3, dim=-1))
+        else:
+            q = split_heads(ops['q_proj'](query), target)
+            k = split_heads(ops['k_proj'](key), source)
+            v = split_heads(ops['v_proj'](value), source)
         mask = _merge_masks(attn_mask, key_padding_mask, is_causal, batch, heads, target, source, q.dtype, q.device)
         context, probabilities = attend(
             ops, q, k, v, mask, dropout=module.dropout, training=module.training, need_weights=need_weights
