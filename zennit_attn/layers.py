@@ -12,6 +12,17 @@ import torch
 import torch.nn.functional as F
 
 
+def scaled_matmul(a, b, scale=1.0, scale_output=False):
+    '''``scale * a @ b``, or ``(a @ b) * scale`` with ``scale_output`` (the two round differently); no multiplication
+    for a scale of 1.
+    '''
+    if scale == 1.0:
+        return a @ b
+    if scale_output:
+        return (a @ b) * scale
+    return scale * a @ b
+
+
 class MatMul(torch.nn.Module):
     '''Scaled matrix product ``scale * a @ b`` (or ``(a @ b) * scale`` with ``scale_output=True``).
 
@@ -30,10 +41,7 @@ class MatMul(torch.nn.Module):
 
     def forward(self, a, b):
         '''Compute the scaled matrix product of ``a`` and ``b`` with :py:func:`torch.matmul` broadcasting.'''
-        if self.scale_output:
-            out = a @ b
-            return out if self.scale == 1.0 else out * self.scale
-        return self.scale * a @ b if self.scale != 1.0 else a @ b
+        return scaled_matmul(a, b, self.scale, self.scale_output)
 
     def extra_repr(self):
         return f'scale={self.scale}, scale_output={self.scale_output}'
@@ -177,13 +185,7 @@ class AttentionCore(torch.nn.Module):
 
     def scores(self, query, key, mask=None):
         '''The (masked) attention scores ``scale * q @ k^T + mask``.'''
-        key = key.transpose(-1, -2)
-        if self.scale == 1.0:
-            scores = query @ key
-        elif self.scale_output:
-            scores = (query @ key) * self.scale
-        else:
-            scores = self.scale * query @ key
+        scores = scaled_matmul(query, key.transpose(-1, -2), self.scale, self.scale_output)
         return scores if mask is None else scores + mask
 
     def probabilities(self, query, key, mask=None, dtype=None):

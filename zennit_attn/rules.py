@@ -29,6 +29,13 @@ def _compute_dtype(tensor):
     return tensor.dtype
 
 
+def _mask_threshold(dtype):
+    '''Inputs of a softmax at or below this value are masked: half the most negative value of ``dtype``, at most
+    float32's (masks are filled with ``finfo(dtype).min``, or float32's minimum in float64 models).
+    '''
+    return max(torch.finfo(dtype).min, torch.finfo(torch.float32).min) / 2
+
+
 def _unbroadcast(tensor, shape):
     '''Sum ``tensor`` over the dimensions along which an operand of ``shape`` was broadcast.'''
     if tensor.shape == shape:
@@ -336,8 +343,7 @@ class SoftmaxRule(AttnHook):
         '''Return ``x`` with masked entries (``-inf``, or very negative fill values) set to 0. The threshold is half
         the most negative value of ``x.dtype``, at most float32's.
         '''
-        threshold = max(torch.finfo(x.dtype).min, torch.finfo(torch.float32).min) / 2
-        return x.masked_fill(x <= threshold, 0.)
+        return x.masked_fill(x <= _mask_threshold(x.dtype), 0.)
 
     def backward_relevance(self, module, inputs, output, relevance_out, variable):
         (x,) = inputs
@@ -692,7 +698,7 @@ class AttentionRule(AttnHook):
         mask = inputs[3] if len(inputs) == 4 else None
         # masked entries are recognised in the dtype of the forward's scores (e.g. float16's minimum), as SoftmaxRule
         score_dtype = inputs[0].dtype if mask is None else torch.promote_types(inputs[0].dtype, mask.dtype)
-        threshold = max(torch.finfo(score_dtype).min, torch.finfo(torch.float32).min) / 2
+        threshold = _mask_threshold(score_dtype)
         mask = None if mask is None else mask.to(dtype)
         output, relevance = output.to(dtype), relevance_out.to(dtype)
         groups = query_groups(query, key)

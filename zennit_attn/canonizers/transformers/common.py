@@ -2,6 +2,12 @@
 import torch
 from zennit.canonizers import Canonizer
 
+try:
+    # transformers 5.x records attention weights through this context variable (private API)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover
+    _active_collector = None
+
 
 def attentions_requested():
     '''Whether the running Hugging Face forward records attention weights (``output_attentions=True``).
@@ -9,9 +15,7 @@ def attentions_requested():
     transformers 5.x collects them with forward hooks while a context variable names the outputs to record; where that
     (private) mechanism is missing, assume they are requested, which keeps the unfolded attention and is always correct.
     '''
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
+    if _active_collector is None:
         return True
     try:
         collected = _active_collector.get()
