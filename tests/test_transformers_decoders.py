@@ -16,6 +16,7 @@ from transformers.cache_utils import DynamicCache  # noqa: E402
 
 from zennit_attn import layers, types  # noqa: E402
 from zennit_attn.canonizers import detect_canonizers  # noqa: E402
+from zennit_attn.canonizers.transformers.common import cache_keyword  # noqa: E402
 from zennit_attn.composites import AttentionComposite, AttnLRP, AttnLRPViT, CPLRP  # noqa: E402
 from zennit_attn.rules import Epsilon, Gamma  # noqa: E402
 
@@ -286,10 +287,10 @@ def test_key_value_cache(family):
     _, cached = attribute(model, AttnLRP(), embeds, mask, positions, use_cache=True)
     assert torch.equal(cached, expected)
 
-    def continuation(cache):
+    def continuation(cache, keyword='past_key_values', position_ids=True):
+        extra = {'position_ids': positions[:, 4:]} if position_ids else {}
         return model(
-            inputs_embeds=embeds[:, 4:], attention_mask=mask, position_ids=positions[:, 4:], past_key_values=cache,
-            use_cache=True,
+            inputs_embeds=embeds[:, 4:], attention_mask=mask, use_cache=True, **extra, **{keyword: cache},
         ).logits
 
     def prefill():
@@ -299,10 +300,14 @@ def test_key_value_cache(family):
                   past_key_values=cache, use_cache=True)
         return cache
 
-    original = continuation(prefill())
-    with AttnLRP().context(model):
-        canonized = continuation(prefill())
-    assert torch.allclose(canonized, original, rtol=1e-12, atol=1e-12)
+    # the deprecated keyword and the model's own (``cache`` from transformers 5.24 on), with and without position ids
+    # (without them, the positions are counted from the cache's length)
+    for keyword in sorted({'past_key_values', cache_keyword(type(model).forward)}):
+        for position_ids in (True, False):
+            original = continuation(prefill(), keyword, position_ids)
+            with AttnLRP().context(model):
+                canonized = continuation(prefill(), keyword, position_ids)
+            assert torch.allclose(canonized, original, rtol=1e-12, atol=1e-12), (keyword, position_ids)
     _, relevance = attribute(
         model, AttnLRP(), embeds[:, 4:], mask, positions[:, 4:], past_key_values=prefill(), use_cache=True
     )

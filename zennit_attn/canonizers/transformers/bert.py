@@ -33,7 +33,7 @@ from ..attention import AttentionCanonizer, attend, attention_ops
 from ..base import ForwardCanonizer
 from ..group import CanonizerGroup
 from .. import register_family
-from .common import EagerAttentionCanonizer, additive_mask, attentions_requested
+from .common import EagerAttentionCanonizer, additive_mask, attentions_requested, reject_unexpected, take_cache
 
 
 __all__ = [
@@ -87,9 +87,17 @@ class BertEmbeddingsCanonizer(ForwardCanonizer):
         return {'token_type': layers.Sum(), 'position': layers.Sum()}
 
     def canonical_forward(
-        self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, past_key_values_length=0,
+        self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, cache_length=None,
+        past_key_values_length=None,
     ):
         module, ops = self.module, self.ops
+        # the length of the cached prefix: ``cache_length`` from transformers 5.24 on, ``past_key_values_length`` before
+        if cache_length is not None and past_key_values_length is not None and cache_length != past_key_values_length:
+            raise TypeError(
+                f'{type(module).__name__} (canonized): got both cache_length={cache_length} and '
+                f'past_key_values_length={past_key_values_length}; pass one of them.'
+            )
+        past_key_values_length = next((n for n in (cache_length, past_key_values_length) if n is not None), 0)
         # RoBERTa-style embeddings count positions from the padding index and skip padding tokens
         roberta = hasattr(module, 'create_position_ids_from_input_ids')
         if roberta and position_ids is None:
@@ -139,8 +147,17 @@ class BertSelfAttentionCanonizer(AttentionCanonizer):
         return {module.query: 'attention_projection', module.key: 'attention_projection',
                 module.value: 'attention_projection'}
 
-    def canonical_forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+    def canonical_forward(
+        self, hidden_states, attention_mask=None, cache=None, past_key_values=None, encoder_hidden_states=None,
+        **kwargs
+    ):
         module, ops = self.module, self.ops
+        owner = type(module).__name__
+        # the cache is passed as ``cache`` from transformers 5.24 on, as ``past_key_values`` before
+        past_key_values = take_cache(owner, cache, past_key_values)
+        if encoder_hidden_states is not None:
+            raise NotImplementedError(f'{owner} (canonized): encoder_hidden_states (cross-attention) are unsupported.')
+        reject_unexpected(owner, kwargs)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, module.attention_head_size)
 

@@ -1,4 +1,6 @@
 '''Pieces shared by the Hugging Face canonizers.'''
+import inspect
+
 import torch
 from zennit.canonizers import Canonizer
 
@@ -23,6 +25,47 @@ def attentions_requested():
         # no model forward is recording anything
         return False
     return collected is not None and any(key.endswith('attentions') for key in collected)
+
+
+def take_cache(owner, cache=None, past_key_values=None):
+    '''The key/value cache of a call, under either keyword: ``cache`` (transformers >= 5.24, where models pass it
+    by that name) or ``past_key_values`` (older releases, and callers using the deprecated name).
+
+    Raises a :py:class:`TypeError` naming both if they are given as two different objects.
+    '''
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise TypeError(f'{owner}: got both cache and past_key_values (two different caches); pass one of them.')
+    return past_key_values if cache is None else cache
+
+
+def cache_keyword(function):
+    '''The keyword under which ``function`` (a transformers forward) takes the key/value cache: ``'cache'`` from
+    transformers 5.24 on, ``'past_key_values'`` before.'''
+    return 'cache' if 'cache' in inspect.signature(function).parameters else 'past_key_values'
+
+
+#: keywords of transformers' attention call chain that the eager attention computation does not read: their effect is
+#: carried by the (eager) mask and the position embeddings the model computes, or they only choose what is returned or
+#: recorded
+IGNORED_ATTENTION_KEYWORDS = frozenset({
+    'position_ids', 'cache_position', 'use_cache', 'output_attentions', 'output_hidden_states', 'output_router_logits',
+    'num_items_in_batch', 'return_dict',
+})
+
+
+def reject_unexpected(owner, kwargs, ignored=IGNORED_ATTENTION_KEYWORDS):
+    '''Raise a :py:class:`TypeError` naming every keyword in ``kwargs`` that is not None and not in ``ignored``.
+
+    The canonical forwards take ``**kwargs`` because transformers passes its whole keyword set down the module tree;
+    a keyword they do not know (a new argument of a later release, e.g. a renamed cache) must not be dropped silently
+    when it could change the result.
+    '''
+    unexpected = sorted(name for name, value in kwargs.items() if value is not None and name not in ignored)
+    if unexpected:
+        raise TypeError(
+            f'{owner} (canonized) got unexpected keyword argument(s) {unexpected}, which its canonical forward does '
+            'not implement; the installed transformers release may pass arguments this zennit-attn does not support.'
+        )
 
 
 def additive_mask(attention_mask, dtype, floor=None):

@@ -23,7 +23,9 @@ from .. import register_family
 from ..attention import AttentionCanonizer, attend, attention_ops
 from ..base import ForwardCanonizer
 from ..group import CanonizerGroup
-from .common import EagerAttentionCanonizer, additive_mask, attentions_requested
+from .common import (
+    EagerAttentionCanonizer, additive_mask, attentions_requested, cache_keyword, reject_unexpected, take_cache,
+)
 
 
 __all__ = ['GPT2ModelCanonizer', 'GPT2BlockCanonizer', 'GPT2AttentionCanonizer', 'GPT2Canonizer']
@@ -62,10 +64,12 @@ class GPT2ModelCanonizer(ForwardCanonizer):
         return {'position_embedding': layers.Sum()}
 
     def canonical_forward(
-        self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None, position_ids=None,
-        inputs_embeds=None, use_cache=None, **kwargs
+        self, input_ids=None, cache=None, attention_mask=None, token_type_ids=None, position_ids=None,
+        inputs_embeds=None, use_cache=None, past_key_values=None, **kwargs
     ):
         module = self.module
+        # the cache is called ``cache`` from transformers 5.24 on, ``past_key_values`` before
+        past_key_values = take_cache(type(module).__name__, cache, past_key_values)
         if token_type_ids is not None:
             raise NotImplementedError(
                 'GPT2ModelCanonizer: token_type_ids add the word embedding of the token types inline, which has no '
@@ -87,8 +91,8 @@ class GPT2ModelCanonizer(ForwardCanonizer):
         position_embeds = type(module.wpe).forward(module.wpe, position_ids).to(inputs_embeds.device)
         hidden_states = self.ops['position_embedding'](inputs_embeds, position_embeds)
         return type(module).forward(
-            module, past_key_values=past_key_values, attention_mask=attention_mask, position_ids=position_ids,
-            inputs_embeds=hidden_states, use_cache=use_cache, **kwargs
+            module, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=hidden_states,
+            use_cache=use_cache, **{cache_keyword(type(module).forward): past_key_values}, **kwargs
         )
 
 
@@ -106,10 +110,12 @@ class GPT2BlockCanonizer(ForwardCanonizer):
         return {'residual_attention': layers.Sum(), 'residual_mlp': layers.Sum()}
 
     def canonical_forward(
-        self, hidden_states, past_key_values=None, attention_mask=None, encoder_hidden_states=None,
-        encoder_attention_mask=None, use_cache=False, **kwargs
+        self, hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None,
+        encoder_attention_mask=None, use_cache=False, past_key_values=None, **kwargs
     ):
         module, ops = self.module, self.ops
+        # the cache is called ``cache`` from transformers 5.24 on, ``past_key_values`` before
+        past_key_values = take_cache(type(module).__name__, cache, past_key_values)
         if encoder_hidden_states is not None:
             raise NotImplementedError('GPT2Canonizer: encoder_hidden_states (cross-attention) are not supported.')
         residual = hidden_states
@@ -143,12 +149,15 @@ class GPT2AttentionCanonizer(AttentionCanonizer):
         return {module.c_attn: 'attention_projection', module.c_proj: 'attention_projection'}
 
     def canonical_forward(
-        self, hidden_states, past_key_values=None, attention_mask=None, encoder_hidden_states=None,
-        encoder_attention_mask=None, output_attentions=False, **kwargs
+        self, hidden_states, cache=None, attention_mask=None, encoder_hidden_states=None,
+        encoder_attention_mask=None, output_attentions=False, past_key_values=None, **kwargs
     ):
         module, ops = self.module, self.ops
+        # the cache is called ``cache`` from transformers 5.24 on, ``past_key_values`` before
+        past_key_values = take_cache(type(module).__name__, cache, past_key_values)
         if encoder_hidden_states is not None:
             raise NotImplementedError('GPT2Canonizer: encoder_hidden_states (cross-attention) are not supported.')
+        reject_unexpected(type(module).__name__, kwargs)
         query, key, value = module.c_attn(hidden_states).split(module.split_size, dim=2)
         shape = (*query.shape[:-1], -1, module.head_dim)
         query, key, value = (tensor.view(shape).transpose(1, 2) for tensor in (query, key, value))

@@ -38,7 +38,9 @@ from .. import register_family
 from ..attention import attend, attention_ops
 from ..base import ForwardCanonizer
 from ..group import CanonizerGroup
-from .common import EagerAttentionCanonizer, additive_mask, attentions_requested
+from .common import (
+    EagerAttentionCanonizer, additive_mask, attentions_requested, cache_keyword, reject_unexpected, take_cache,
+)
 
 from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
@@ -182,9 +184,12 @@ class DecoderAttentionCanonizer(TypedForwardCanonizer):
         }
 
     def canonical_forward(
-        self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs
+        self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, past_key_values=None, **kwargs
     ):
         module, ops = self.module, self.ops
+        # the cache is passed as ``cache`` from transformers 5.24 on, as ``past_key_values`` before
+        past_key_values = take_cache(type(module).__name__, cache, past_key_values)
+        reject_unexpected(type(module).__name__, kwargs)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, module.head_dim)
 
@@ -266,22 +271,30 @@ class FinalLogitSoftcapCanonizer(TypedForwardCanonizer):
         }
 
     def canonical_forward(
-        self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-        labels=None, use_cache=None, logits_to_keep=0, return_dict=None, **kwargs
+        self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+        labels=None, use_cache=None, logits_to_keep=0, return_dict=None, past_key_values=None, **kwargs
     ):
         from transformers.modeling_outputs import CausalLMOutputWithPast
-        from transformers.modeling_utils import slice_logits_to_keep
+        try:
+            from transformers.modeling_utils import slice_logits_to_keep
+        except ImportError:  # transformers < 5.21 slices inline, as here
+            def slice_logits_to_keep(hidden_states, logits_to_keep):
+                indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+                return hidden_states[:, indices, :]
 
         module, ops = self.module, self.ops
         if return_dict is None:
             return_dict = getattr(module.config, 'return_dict', True)
+        # the cache is called ``cache`` from transformers 5.24 on (inputs and outputs), ``past_key_values`` before
+        cache = take_cache(type(module).__name__, cache, past_key_values)
+        cache_name = cache_keyword(type(module.model).forward)
         outputs = module.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{cache_name: cache},
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -293,9 +306,9 @@ class FinalLogitSoftcapCanonizer(TypedForwardCanonizer):
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{cache_name: getattr(outputs, cache_name)},
         )
         return output if return_dict else output.to_tuple()
 
