@@ -53,7 +53,7 @@ def main():
         ))
 
     layer = f'encoder.layers.encoder_layer_{args.layer}'
-    with record_relevance(model, [f'{layer}.mlp.1', '*.self_attention.attnlrp_attention']) as recorded:
+    with record_relevance(model, [f'{layer}.mlp.1', '*.self_attention.attention']) as recorded:
         with Gradient(model, composite_type(epsilon=1e-12)) as attributor:
             _, relevance = attributor(image, lambda y: y * onehot)
 
@@ -66,7 +66,7 @@ def main():
 
     print('\nrelevance per attention head (output of the attention context):')
     for index in range(len(model.encoder.layers)):
-        name = f'encoder.layers.encoder_layer_{index}.self_attention.attnlrp_attention'
+        name = f'encoder.layers.encoder_layer_{index}.self_attention.attention'
         heads = per_head(recorded[name])
         print(f'  layer {index}: ' + '  '.join(f'h{head} {value:+.4f}' for head, value in enumerate(heads.tolist())))
 

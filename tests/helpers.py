@@ -1,18 +1,7 @@
 '''Small helpers shared by several test modules.'''
-import pytest
+from contextlib import contextmanager
+
 import torch
-
-
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    '''Tiny models run much faster on one thread (and do not fight other processes for the CPU).
-
-    Autouse in every module that imports it: ``from helpers import single_thread``.
-    '''
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Twice(torch.nn.Module):
@@ -25,35 +14,69 @@ class Twice(torch.nn.Module):
         return self.act(self.act(x))
 
 
-def hooked_call_counts(model, run):
-    '''Run ``run()`` and return ``{name: number of calls}`` for every module of ``model`` that carries a rule hook
-    (call inside a composite context).
+@contextmanager
+def recorded_sites():
+    '''Collect, in order, the operation sites (``'<module>.<op>'``) that the interception engine attributes while the
+    context is open (through :py:data:`zennit_attn.engine.op_listeners`).
     '''
-    hooked = {id(module): name for name, module in model.named_modules() if module._forward_pre_hooks}
-    counts = dict.fromkeys(hooked, 0)
+    from zennit_attn.engine import op_listeners
 
-    def count(module, args):
-        counts[id(module)] += 1
+    sites = []
+    token = op_listeners.set(op_listeners.get() + (lambda site, tensor: sites.append(site),))
+    try:
+        yield sites
+    finally:
+        op_listeners.reset(token)
 
-    handles = [module.register_forward_pre_hook(count) for module in model.modules() if id(module) in hooked]
+
+def rule_runs(model, run):
+    '''Run ``run()`` (a forward and a backward pass inside a composite context) and return
+    ``{name: (forward calls, rule backward calls)}`` for every module of ``model`` that carries a Zennit rule.
+    '''
+    from zennit_attn.check import hooked_modules
+
+    ruled = hooked_modules(model)
+    forwards = {id(module): 0 for _, module, _ in ruled}
+    backwards = dict(forwards)
+
+    def count(module, args, output):
+        forwards[id(module)] += 1
+
+    def wrap(module, original):
+        def backward_relevance(*args, **kwargs):
+            backwards[id(module)] += 1
+            return original(*args, **kwargs)
+        return backward_relevance
+
+    handles = [module.register_forward_hook(count) for _, module, _ in ruled]
+    wrapped = []
+    for _, module, hook in ruled:
+        if 'backward_relevance' not in vars(hook):
+            hook.backward_relevance = wrap(module, hook.backward_relevance)
+            wrapped.append(hook)
     try:
         run()
     finally:
         for handle in handles:
             handle.remove()
-    return {hooked[key]: value for key, value in counts.items()}
+        for hook in wrapped:
+            del hook.backward_relevance
+    return {name: (forwards[id(module)], backwards[id(module)]) for name, module, _ in ruled}
 
 
-ATTENTION_CHAIN = ('attnlrp_scores', 'attnlrp_mask', 'attnlrp_softmax', 'attnlrp_context')
+def input_relevance(model, composite, call, seed, **inputs):
+    '''Relevance at several inputs at once: ``call(model, **inputs)`` with ``composite`` registered on ``model``,
+    seeded with ``seed(output)``; the relevance of an input is its gradient (the rules' convention).
 
-
-def expected_calls(name, fused, masked=True):
-    '''Calls per forward of the hooked module ``name``: the fused attention core runs instead of the unfolded chain
-    (or the chain instead of the core), the mask sum only with a mask, everything else once.
+    Returns ``(output, {name: relevance})`` for every floating-point tensor in ``inputs``.
     '''
-    last = name.rsplit('.', 1)[-1]
-    if last == 'attnlrp_attention':
-        return int(fused)
-    if last in ATTENTION_CHAIN:
-        return int(not fused and (masked or last != 'attnlrp_mask'))
-    return 1
+    leaves = {
+        key: value.detach().requires_grad_(True) if isinstance(value, torch.Tensor) and value.is_floating_point()
+        else value
+        for key, value in inputs.items()
+    }
+    variable = [key for key, value in leaves.items() if isinstance(value, torch.Tensor) and value.requires_grad]
+    with composite.context(model) as modified:
+        output = call(modified, **leaves)
+        grads = torch.autograd.grad(output, [leaves[key] for key in variable], seed(output))
+    return output.detach(), dict(zip(variable, grads))

@@ -9,9 +9,7 @@ import torch
 
 from zennit_attn import layers, rules
 
-from test_rules import (
-    EPSILONS, EPSILON_IDS, assert_close, attribute, generator, randn, ref_matmul, ref_softmax, ref_sum,  # noqa: F401
-)
+from references import EPSILONS, EPSILON_IDS, assert_close, attribute, randn, ref_matmul, ref_softmax, ref_sum
 
 
 SHAPES = {
@@ -52,8 +50,8 @@ def ref_attention(query, key, value, mask, masked, relevance, epsilon, scale, cp
     if not var_probabilities:
         return None, None, rel_value if var_value else None
     rel_full = ref_softmax(full, rel_probabilities, -1, masked)
-    rel_scores = rel_full if mask is None else ref_sum(scores, torch.where(masked, 0., full - scores), rel_full,
-                                                      epsilon)[0]
+    rel_scores = rel_full if mask is None else ref_sum(
+        scores, torch.where(masked, 0., full - scores), rel_full, epsilon)[0]
     shares = (0.5, 0.5) if var_query and var_key else (float(var_query), float(var_key))
     rel_query, rel_key_t = ref_matmul(query, key.transpose(-1, -2), rel_scores, epsilon, scale=scale, shares=shares)
     return (

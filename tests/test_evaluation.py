@@ -14,7 +14,7 @@ from zennit_attn.evaluation import (
 )
 from zennit_attn.methods import attribute
 
-from helpers import single_thread  # noqa: F401 (autouse fixture: one thread for this module)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 def linear_model(features=12, classes=3, seed=0):

@@ -6,9 +6,9 @@ from torchvision.models import VisionTransformer
 from zennit.attribution import Gradient
 
 from zennit_attn.composites import AttnLRPViT
-from zennit_attn.methods import METHODS, UnknownMethodError, attribute, available_methods
+from zennit_attn.methods import METHODS, RecordAttention, UnknownMethodError, attribute, available_methods
 
-from helpers import single_thread  # noqa: F401 (autouse fixture: one thread for this module)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 TINY = dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=7)
@@ -56,7 +56,7 @@ def test_every_method_returns_input_shape_and_finite_values(method):
     assert torch.isfinite(relevance).all()
     assert relevance.abs().sum() > 0
     assert not relevance.requires_grad
-    # the model is left as it was: no canonizer children, no instance forward, no hooks
+    # the model is left as it was: same modules, no instance forward, no hooks
     assert [name for name, _ in model.named_modules()] == modules
     assert not any('forward' in vars(module) for module in model.modules())
     assert hooks(model) == before
@@ -104,6 +104,39 @@ def test_plain_forward_matches_the_model():
     x = images()
     logits, _ = plain_forward(model, x)
     assert torch.allclose(logits, model(x), atol=1e-10)
+
+
+def test_record_attention_records_every_layer_without_changing_the_model():
+    '''The rollouts' recorder (the engine's ProbabilityRecorder, no composite) records the probabilities of every
+    layer in forward order, per head, still attached to the graph; the forward is unchanged up to rounding (attention
+    runs unfolded), nothing is inserted, and everything is removed afterwards, also after an error.'''
+    model = make_vit(num_layers=2)
+    x = images()
+    expected_logits, expected = plain_forward(model, x)
+    modules = [(name, module) for name, module in model.named_modules()]
+    before = hooks(model)
+    plain = model(x)
+    recorder = RecordAttention(model)
+    with recorder:
+        assert [(name, module) for name, module in model.named_modules()] == modules
+        logits = model(x.clone().requires_grad_(True))
+    assert torch.allclose(logits, expected_logits, rtol=1e-12, atol=1e-12)
+    assert len(recorder.attentions) == 2
+    for actual, reference in zip(recorder.attentions, expected):
+        assert actual.shape == (2, 4, 17, 17)
+        assert torch.allclose(actual, reference, rtol=1e-12, atol=1e-14)
+    # differentiable: the logits depend on the recorded probabilities
+    grads = torch.autograd.grad(logits[:, 0].sum(), recorder.attentions)
+    assert all(grad.abs().sum() > 0 for grad in grads)
+    assert hooks(model) == before
+    assert not torch.overrides._get_current_function_mode_stack()
+    with pytest.raises(RuntimeError, match='boom'):
+        with RecordAttention(model):
+            model(x)
+            raise RuntimeError('boom')
+    assert hooks(model) == before
+    assert not torch.overrides._get_current_function_mode_stack()
+    assert torch.equal(model(x), plain)
 
 
 def test_attention_rollout_on_one_layer_equals_hand_computation():

@@ -1,4 +1,5 @@
-'''torchvision ViT end to end: canonizer, composites, and agreement with the independent oracle.'''
+'''torchvision ViT end to end through the engine: composites, operation sites, restoration, and agreement with the
+independent oracle.'''
 import pytest
 import torch
 import zennit.composites
@@ -7,52 +8,15 @@ from torchvision.models import VisionTransformer, vit_b_16
 from zennit.attribution import Gradient
 from zennit.core import Composite
 
-from zennit_attn import layers
-from zennit_attn.canonizers import VisionTransformerCanonizer
 from zennit_attn.composites import AttnLRP, AttnLRPViT, CPLRP, CPLRPViT, UnsupportedModelError
+from zennit_attn.conservation import conservation_report
+from zennit_attn.engine import UnsupportedOperationError
+from zennit_attn.rules import Epsilon
 
-from helpers import expected_calls, hooked_call_counts
+from helpers import recorded_sites, rule_runs
 from oracle_vit import vit_oracle
 from restoration import assert_restored, relative_difference, snapshot
-
-
-SMALL_CONFIGS = {
-    'tiny': dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=7),
-    'uneven': dict(image_size=30, patch_size=6, num_layers=3, num_heads=3, hidden_dim=24, mlp_dim=40, num_classes=5),
-    'representation': dict(
-        image_size=24, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=4,
-        representation_size=12,
-    ),
-}
-
-
-def randomize_head(model, seed=0):
-    '''torchvision initialises the head to zeros; give it random weights so relevance is not trivially zero.'''
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.heads.modules():
-        if isinstance(module, torch.nn.Linear):
-            with torch.no_grad():
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) / module.in_features ** 0.5)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
-    return model
-
-
-def make_vit(config, dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    return randomize_head(VisionTransformer(**SMALL_CONFIGS[config]), seed).to(dtype).eval()
-
-
-def image(model, batch=2, dtype=torch.float64, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, model.image_size, model.image_size, generator=generator).to(dtype)
-
-
-def attribute(model, composite, x, target):
-    '''Zennit's Gradient attributor seeded with ``logit * onehot(target)``.'''
-    with Gradient(model, composite) as attributor:
-        onehot = torch.nn.functional.one_hot(target, model.heads.head.out_features).to(x.dtype)
-        output, relevance = attributor(x, lambda y: y * onehot)
-    return output, relevance
+from tiny_vit import SMALL_CONFIGS, attribute, image, make_vit, randomize_head
 
 
 @pytest.mark.parametrize('config', sorted(SMALL_CONFIGS))
@@ -95,13 +59,21 @@ def test_oracle_detects_a_wrong_rule():
 
 @pytest.mark.parametrize('composite_type', [AttnLRP, CPLRP, AttnLRPViT, CPLRPViT])
 def test_forward_unchanged_while_registered(composite_type):
-    '''The canonized model computes the same output (float32, ≤1e-6 relative to the output scale).'''
+    '''The model's own forward runs while registered (float32, with gradients, so that every rule applies):
+    bit-identical with the fused attention core (the engine calls torch's own functions), ≤1e-6 relative to the
+    output scale with the unfolded chain (a different summation order than the fused kernel).'''
     model = make_vit('uneven', dtype=torch.float32)
     x = image(model, dtype=torch.float32)
     expected = model(x)
-    with composite_type().context(model) as modified:
-        actual = modified(x)
-    assert (actual - expected).abs().max() <= 1e-6 * max(1., expected.abs().max().item())
+    for fused in (True, False):
+        with composite_type(fused_attention=fused).context(model) as modified:
+            actual = modified(x.clone().requires_grad_(True))
+            without_grad = modified(x)
+        assert torch.equal(without_grad, expected)
+        if fused:
+            assert torch.equal(actual, expected)
+        else:
+            assert (actual - expected).abs().max() <= 1e-6 * max(1., expected.abs().max().item())
 
 
 @pytest.mark.parametrize('composite_type', [AttnLRP, CPLRPViT])
@@ -117,18 +89,34 @@ def test_removal_restores_model_bit_identically(composite_type):
 
 
 def test_removal_after_exception_inside_context():
-    '''An exception inside the composite context still restores the model.'''
+    '''An exception inside the composite context (after a forward with rule nodes, or raised inside the forward by a
+    hook of the user) still restores the model and leaves no function mode active.'''
     model = make_vit('tiny', dtype=torch.float32)
     before = snapshot(model)
+    x = image(model, dtype=torch.float32)
+    expected = model(x)
     with pytest.raises(RuntimeError, match='boom'):
         with AttnLRPViT().context(model):
-            model(image(model, dtype=torch.float32))
+            model(x.clone().requires_grad_(True))
             raise RuntimeError('boom')
     assert_restored(model, before)
 
+    def fail(module, args):
+        raise RuntimeError('boom inside')
+
+    handle = model.encoder.layers[1].mlp.register_forward_pre_hook(fail)
+    hooks = snapshot(model)['hooks']
+    with pytest.raises(RuntimeError, match='boom inside'):
+        attribute(model, AttnLRPViT(), x, torch.tensor([0, 1]))
+    assert snapshot(model)['hooks'] == hooks
+    handle.remove()
+    assert_restored(model, before)
+    assert not torch.overrides._get_current_function_mode_stack()
+    assert torch.equal(model(x), expected)
+
 
 def test_failed_registration_restores_model():
-    '''If registration fails midway (an unsupported module after canonization), nothing stays applied.'''
+    '''If registration fails (an unsupported module), nothing stays applied.'''
     model = make_vit('tiny', dtype=torch.float32)
     model.heads.add_module('norm', torch.nn.BatchNorm1d(7))
     before = snapshot(model)
@@ -137,37 +125,65 @@ def test_failed_registration_restores_model():
     assert_restored(model, before)
 
 
-def test_registered_model_structure():
-    '''While registered, every attention is unfolded into hookable op modules and q/k/v views share storage.'''
+def test_model_is_not_modified_while_registered():
+    '''The model's own forward runs: while registered, the modules, their names, parameter objects and forwards are
+    those of the plain model (nothing is inserted, nothing replaced).'''
     model = make_vit('tiny', dtype=torch.float32)
-    attention = model.encoder.layers[0].self_attention
-    with AttnLRP().context(model):
-        assert isinstance(attention.attnlrp_scores, layers.AttentionScores)
-        assert isinstance(attention.attnlrp_softmax, layers.AttentionSoftmax)
-        assert isinstance(attention.attnlrp_context, layers.AttentionContext)
-        assert attention.attnlrp_scores.scale == pytest.approx(1 / 8 ** 0.5)
-        assert attention.attnlrp_q_proj.weight.data_ptr() == attention.in_proj_weight.data_ptr()
-        assert attention.attnlrp_in_proj.weight.data_ptr() == attention.in_proj_weight.data_ptr()
-        assert isinstance(attention.attnlrp_attention, layers.AttentionCore)
-        assert isinstance(model.encoder.attnlrp_position_embedding, layers.Sum)
-        assert isinstance(model.encoder.layers[1].attnlrp_residual_mlp, layers.Sum)
+    before = snapshot(model)
+    with AttnLRP(fused_attention=False).context(model):
+        during = snapshot(model)
+        model(image(model, dtype=torch.float32).requires_grad_(True))
+        assert [(name, module) for name, module in model.named_modules()] == before['modules']
+    for key in ('modules', 'forwards', 'parameters'):
+        assert during[key] == before[key]
+    assert not any(name.startswith('attnlrp_') or '.attnlrp_' in name for name, _ in during['modules'])
+    assert not any('forward' in vars(module) for module in model.modules())
+    assert_restored(model, before)
 
 
-@pytest.mark.parametrize('fused', [True, False])
-def test_every_hooked_module_called_once_per_forward(fused):
-    '''One module instance per call site: each hooked module runs exactly once per forward (the fused attention core or
-    the unfolded chain; the mask sum only with a mask, and torchvision's ViT passes none).
-    '''
+def expected_sites(model, fused):
+    '''The operation sites of one forward of a torchvision ViT: the position embedding, per block the packed
+    in-projection, the attention core (fused) or its unfolded chain (no mask sum: torchvision passes no mask), the
+    out-projection and the two residual sums.'''
+    core = ['attention'] if fused else ['matmul', 'softmax', 'matmul_1']
+    sites = ['encoder.add']
+    for index in range(len(model.encoder.layers)):
+        block = f'encoder.layers.encoder_layer_{index}'
+        sites += [f'{block}.self_attention.{op}' for op in ['linear'] + core + ['linear_1']]
+        sites += [f'{block}.add', f'{block}.add_1']
+    return sites
+
+
+@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'unfolded'])
+def test_every_rule_and_operation_site_runs_once_per_forward(fused):
+    '''Every module rule runs exactly once per attribution, forward and backward (MultiheadAttention's out_proj module
+    is never called: its computation is the functional ``linear_1`` site), and every expected operation site is
+    attributed once per forward, numbered afresh in every forward; the conservation report has one row per site.'''
     model = make_vit('uneven', dtype=torch.float32)
-    composite = AttnLRPViT(fused_attention=fused)
-    with composite.context(model):
-        counts = hooked_call_counts(model, lambda: model(image(model, dtype=torch.float32)))
-    assert len(counts) > 20
-    assert sum(name.endswith('attnlrp_attention') for name in counts) == (3 if fused else 0)
-    # self-attention runs the packed q/k/v projection, not the three views
-    separate = ('attnlrp_q_proj', 'attnlrp_k_proj', 'attnlrp_v_proj')
-    expected = {name: 0 if name.endswith(separate) else expected_calls(name, fused, masked=False) for name in counts}
-    assert {name: value for name, value in counts.items() if value != expected[name]} == {}
+    x = image(model, dtype=torch.float32)
+    target = torch.tensor([0, 1])
+
+    def run():
+        inputs = x.clone().requires_grad_(True)
+        output = model(inputs)
+        torch.autograd.grad(output, inputs, output * torch.nn.functional.one_hot(target, 5))
+
+    with recorded_sites() as sites, AttnLRPViT(fused_attention=fused).context(model):
+        runs = rule_runs(model, run)
+        run()
+    assert len(runs) > 20
+    out_proj = {name for name in runs if name.endswith('self_attention.out_proj')}
+    assert len(out_proj) == 3
+    assert {name: calls for name, calls in runs.items() if calls != ((0, 0) if name in out_proj else (1, 1))} == {}
+    assert sites == expected_sites(model, fused) * 2
+
+    report = conservation_report(
+        model, AttnLRPViT(fused_attention=fused), x, lambda y: y * torch.nn.functional.one_hot(target, 5)
+    )
+    rows = {row.name: row for row in report.modules}
+    assert {site: rows[site].calls for site in expected_sites(model, fused)} == dict.fromkeys(
+        expected_sites(model, fused), 1)
+    assert rows['encoder.layers.encoder_layer_0.self_attention.linear'].rule == 'Epsilon'
 
 
 def zero_constants(model):
@@ -202,22 +218,19 @@ def test_attnlrp_is_not_conservative_through_softmax():
 
 
 def test_vision_preset_matches_zennit_gamma_and_epsilon():
-    '''attnlrp_vit equals AttnLRP with Zennit's own Gamma on conv/MLP/head and Epsilon on attention projections.'''
+    '''attnlrp_vit equals AttnLRP with Zennit's own Gamma on conv/MLP/head and ε on the attention projections.'''
     model = make_vit('representation')
     x = image(model)
     target = torch.tensor([1, 2])
     _, ours = attribute(model, AttnLRPViT(epsilon=1e-9, stabilizer=1e-9, conv_gamma=0.25, linear_gamma=0.05), x, target)
 
-    attention_projection = (torch.nn.modules.linear.NonDynamicallyQuantizableLinear,)
-
     class ZennitPreset(AttnLRP):
+        '''Zennit's own Gamma on the convolution and every Linear module; the attention projections are functional
+        calls inside nn.MultiheadAttention, which get AttnLRP's ε (the out_proj module is never called).'''
         def mapping(self, ctx, name, module):
             if isinstance(module, torch.nn.Conv2d):
                 return zennit.rules.Gamma(gamma=0.25, stabilizer=1e-9)
             if isinstance(module, torch.nn.Linear):
-                projection = name.split('.')[-1].endswith(('in_proj', 'q_proj', 'k_proj', 'v_proj'))
-                if isinstance(module, attention_projection) or projection:
-                    return zennit.rules.Epsilon(epsilon=1e-9)
                 return zennit.rules.Gamma(gamma=0.05, stabilizer=1e-9)
             return super().mapping(ctx, name, module)
 
@@ -249,44 +262,91 @@ def test_composites_registered_in_zennit(name):
     assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
 
 
+class CountingEpsilon(Epsilon):
+    '''The ε-rule, logging the carrier type of every call it attributes (the log is shared by its copies).'''
+    def __init__(self, epsilon=1e-6, zero_params=None, log=None):
+        super().__init__(epsilon=epsilon, zero_params=zero_params)
+        self.log = [] if log is None else log
+
+    def _copy_kwargs(self):
+        return {**super()._copy_kwargs(), 'log': self.log}
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        self.log.append('functional' if type(module).__module__ == 'zennit_attn.engine' else type(module).__name__)
+        return super().relevance(module, inputs, output, relevance, variable)
+
+
 def test_user_layer_map_takes_precedence():
-    '''A user's layer_map entry overrides the preset, including the attention-projection role.'''
+    '''A user's layer_map entry overrides the preset on Linear modules (MLP, head: γ otherwise) and on the functional
+    projections inside MultiheadAttention (the attention-projection role: ε otherwise).'''
     model = make_vit('tiny', dtype=torch.float32)
-    marker = zennit.rules.Pass()
-    composite = AttnLRPViT(layer_map=[(torch.nn.Linear, marker)])
-    with composite.context(model):
-        rules = [hook for hook in composite.hook_refs]
-        assert sum(isinstance(hook, zennit.rules.Pass) for hook in rules) == sum(
-            isinstance(module, torch.nn.Linear) for module in model.modules()
-        )
+    rule = CountingEpsilon()
+    attribute(model, AttnLRPViT(layer_map=[(torch.nn.Linear, rule)]), image(model, dtype=torch.float32),
+              torch.tensor([0, 1]))
+    # per block: packed in-projection and out-projection (functional), fc1 and fc2 (modules); and the head
+    assert sorted(rule.log) == sorted(['functional'] * 4 + ['Linear'] * 5)
 
 
-def test_unsupported_attention_raises_clear_error():
-    '''A model with attention that no canonizer unfolds is rejected, naming the module.'''
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.TransformerEncoderLayer(4, 2, batch_first=True))
-    with pytest.raises(UnsupportedModelError, match=r"module '1' \(TransformerEncoderLayer\)"):
-        AttnLRP().register(model)
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attention = torch.nn.MultiheadAttention(4, 2, batch_first=True)
-
-        def forward(self, x):
-            return self.attention(x, x, x)[0] + x
-
-    with pytest.raises(UnsupportedModelError, match=r"module 'attention' \(MultiheadAttention\)"):
-        AttnLRP().register(Block())
-
-
-def test_canonizer_works_when_passed_explicitly():
-    '''Passing the canonizer explicitly gives the same relevance as auto-detection.'''
+def test_plain_zennit_rules_in_the_layer_map():
+    '''A plain Zennit rule still applies to modules (Gamma on the patch convolution equals the preset's), but cannot
+    attribute an intercepted functional call (the projections of nn.MultiheadAttention): a clear error during the
+    forward, and the model is restored.'''
     model = make_vit('tiny')
     x = image(model)
     target = torch.tensor([1, 3])
-    _, detected = attribute(model, AttnLRP(epsilon=1e-12), x, target)
-    _, explicit = attribute(model, AttnLRP(epsilon=1e-12, canonizers=[VisionTransformerCanonizer()]), x, target)
-    assert torch.equal(detected, explicit)
+    _, preset = attribute(model, AttnLRPViT(epsilon=1e-9, stabilizer=1e-9, conv_gamma=0.25), x, target)
+    zennit_conv = AttnLRPViT(
+        epsilon=1e-9, stabilizer=1e-9, conv_gamma=0.9,
+        layer_map=[(torch.nn.Conv2d, zennit.rules.Gamma(gamma=0.25, stabilizer=1e-9))],
+    )
+    _, relevance = attribute(model, zennit_conv, x, target)
+    assert relative_difference(relevance, preset) < 1e-10
+
+    before = snapshot(model)
+    composite = AttnLRPViT(layer_map=[(torch.nn.Linear, zennit.rules.Pass())])
+    with composite.context(model):
+        # registration applies the Zennit rule to every Linear module
+        assert sum(isinstance(hook, zennit.rules.Pass) for hook in composite.hook_refs) == sum(
+            isinstance(module, torch.nn.Linear) for module in model.modules()
+        )
+    with pytest.raises(UnsupportedModelError, match=r'Pass \(from the layer map\) cannot attribute an intercepted '
+                                                    r'LinearCall call \(e\.g\. the projections inside '
+                                                    r'nn\.MultiheadAttention'):
+        attribute(model, composite, x, target)
+    assert_restored(model, before)
+
+
+def test_operation_without_rule_raises_during_the_forward():
+    '''A standardisation written inline (in a module that does not look like a norm, so registration accepts it) has no
+    rule: the forward raises, naming the op and the module, and the model is restored; without gradients (no
+    attribution) the forward runs.'''
+    class Standardize(torch.nn.Module):
+        def forward(self, x):
+            centered = x - x.mean(-1, keepdim=True)
+            return centered / centered.std(-1, keepdim=True)
+
+    model = make_vit('tiny')
+    model.encoder.ln = Standardize()
+    before = snapshot(model)
+    with pytest.raises(UnsupportedOperationError, match=r"module 'encoder\.ln' \(Standardize\): operation 'std'"):
+        attribute(model, AttnLRP(), image(model), torch.tensor([1, 3]))
+    assert_restored(model, before)
+    assert not torch.overrides._get_current_function_mode_stack()
+    with AttnLRP().context(model), torch.no_grad():
+        model(image(model))
+
+
+def test_an_explicit_canonizer_list_keeps_the_engine():
+    '''Passing ``canonizers`` (here none) only adds Zennit canonizers: the engine still attributes every operation, so
+    the relevance is bit-identical to the default and matches the oracle.'''
+    model = make_vit('tiny')
+    x = image(model)
+    target = torch.tensor([1, 3])
+    _, default = attribute(model, AttnLRP(epsilon=1e-12), x, target)
+    _, explicit = attribute(model, AttnLRP(epsilon=1e-12, canonizers=[]), x, target)
+    assert torch.equal(default, explicit)
+    expected, _ = vit_oracle(model, x, target)
+    assert relative_difference(explicit, expected) < 1e-6
 
 
 @pytest.mark.parametrize('builder', ['vit_b_16', 'vit_b_32', 'vit_l_16', 'vit_l_32', 'vit_h_14'])
@@ -329,16 +389,27 @@ def test_training_mode_with_dropout_is_refused():
     AttnLRP().register(model.eval())
 
 
-def test_canonizer_failing_midway_leaves_no_ops_behind():
-    '''If a canonizer fails after inserting its op modules, they are removed before the error propagates.'''
-    from zennit_attn.canonizers import MultiheadAttentionCanonizer
+def test_registration_failing_midway_leaves_nothing_behind():
+    '''If registration fails after some rules are registered (a rule that cannot register on the third Linear), the
+    rules and engine hooks already installed are removed before the error propagates.'''
+    class Failing(Epsilon):
+        calls = 0
 
-    class Failing(MultiheadAttentionCanonizer):
-        def make_roles(self, module):
-            raise AttributeError('no out_proj here')
+        def register(self, module):
+            Failing.calls += 1
+            if Failing.calls == 3:
+                raise RuntimeError('cannot register')
+            return super().register(module)
 
     model = make_vit('tiny', dtype=torch.float32)
     before = snapshot(model)
-    with pytest.raises(AttributeError, match='no out_proj here'):
-        Failing().apply(model)
+    composite = AttnLRP(layer_map=[(torch.nn.Linear, Failing())])
+    with pytest.raises(RuntimeError, match='cannot register'):
+        composite.register(model)
+    assert Failing.calls == 3
+    assert_restored(model, before)
+    # the composite is usable again (only the third registration fails)
+    x = image(model, dtype=torch.float32)
+    _, relevance = attribute(model, composite, x, torch.tensor([0, 1]))
+    assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
     assert_restored(model, before)

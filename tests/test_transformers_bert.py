@@ -1,5 +1,6 @@
-'''Hugging Face BERT, RoBERTa and ViT end to end: canonizers, composites, token_relevance, and agreement with the
-independent oracles of oracle_hf.py.'''
+'''Hugging Face BERT, RoBERTa and ViT end to end through the interception engine (the model's own forward, glue
+operations routed to rules): composites, the unchanged forward, token_relevance, and agreement with the independent
+oracles of oracle_hf.py.'''
 import os
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -14,16 +15,16 @@ from transformers import (  # noqa: E402
     DistilBertModel, RobertaConfig, RobertaForSequenceClassification, ViTConfig, ViTForImageClassification,
 )
 
-from zennit_attn import layers  # noqa: E402
-from zennit_attn.attribution import LogitsOnly, token_relevance  # noqa: E402
-import zennit_attn.canonizers.transformers  # noqa: E402,F401 (registers the Hugging Face families)
-from zennit_attn.canonizers import FAMILIES  # noqa: E402
-from zennit_attn.canonizers.transformers.bert import additive_mask  # noqa: E402
-from zennit_attn.composites import AttnLRP, AttnLRPViT, CPLRP, CPLRPViT, UnsupportedModelError  # noqa: E402
+from zennit_attn import check  # noqa: E402
+from zennit_attn.attribution import EmbeddingsForward, LogitsOnly, token_relevance  # noqa: E402
+from zennit_attn.composites import AttnLRP, AttnLRPViT, CPLRP, CPLRPViT  # noqa: E402
+from zennit_attn.families import FAMILIES, detect_families  # noqa: E402
 
-from helpers import hooked_call_counts  # noqa: E402
+from helpers import input_relevance, recorded_sites, rule_runs  # noqa: E402
 from oracle_hf import bert_classifier_logits, bert_encoder, oracle_relevance, vit_logits  # noqa: E402
 from restoration import assert_restored, relative_difference, snapshot  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 COMPOSITES = [AttnLRP, CPLRP, AttnLRPViT, CPLRPViT]
@@ -87,36 +88,84 @@ def text_oracle(model, input_ids, attention_mask, token_type_ids, target, contra
     return oracle_relevance(forward, embeds, onehot(target, model.config.num_labels, contrast))
 
 
+def input_embeds(model, input_ids):
+    '''The token embeddings of ``input_ids`` as a leaf that requires a gradient (so that, while a composite is
+    registered, every glue operation of the forward gets its rule node).'''
+    return model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+
+
 def assert_same_forward(model, call, composites=COMPOSITES):
+    '''With each composite registered the model's own forward runs: the output is bit-identical to the unregistered
+    one (``call`` should feed an input that requires a gradient; the engine must have attributed operations).'''
     expected = call(model)
     for composite_type in composites:
-        with composite_type().context(model) as modified:
+        with composite_type().context(model) as modified, recorded_sites() as sites:
             actual = call(modified)
-        assert (actual - expected).abs().max().item() <= 1e-6 * max(1., expected.abs().max().item())
+        assert sites, 'the engine attributed no operation'
+        assert torch.equal(actual, expected)
+
+
+def attention_sites(sites):
+    '''The operation sites of attention (fused attention cores and softmaxes).'''
+    return [site for site in sites if site.rsplit('.', 1)[-1].split('_')[0] in ('attention', 'softmax')]
 
 
 # --- families and structure -------------------------------------------------------------------------------------
 
-def test_families_registered():
-    names = {family.__name__ for family in FAMILIES}
-    assert {'BertCanonizer', 'ViTCanonizer'} <= names
+def test_families_declared():
+    '''The BERT family and Hugging Face ViT are declared, and each model is detected as exactly its family.'''
+    assert {'BERT family', 'Hugging Face ViT'} <= {family.name for family in FAMILIES}
+    for kind, name in (('bert', 'BERT family'), ('roberta', 'BERT family'), ('vit', 'Hugging Face ViT')):
+        assert [family.name for family in detect_families(make_model(kind, dtype=torch.float32))] == [name]
 
 
-def test_registered_bert_structure():
-    '''While registered, attention, embeddings and residuals are unfolded; the model computes eager attention.'''
-    model = make_model('bert', attn='sdpa')
-    attention = model.bert.encoder.layer[0].attention
-    with AttnLRP().context(model):
-        assert model.config._attn_implementation == 'eager'
-        assert isinstance(attention.self.attnlrp_scores, layers.AttentionScores)
-        assert attention.self.attnlrp_scores.scale == pytest.approx(8 ** -0.5)
-        assert isinstance(attention.self.attnlrp_softmax, layers.AttentionSoftmax)
-        assert isinstance(attention.self.attnlrp_context, layers.AttentionContext)
-        assert isinstance(attention.output.attnlrp_residual, layers.Sum)
-        assert isinstance(model.bert.encoder.layer[1].output.attnlrp_residual, layers.Sum)
-        assert isinstance(model.bert.embeddings.attnlrp_token_type, layers.Sum)
-        assert isinstance(model.bert.embeddings.attnlrp_position, layers.Sum)
-    assert model.config._attn_implementation == 'sdpa'
+@pytest.mark.parametrize('attn', ['eager', 'sdpa'])
+def test_registered_bert_structure(attn):
+    '''While registered nothing is added to the model (same modules, no forward replaced) and the config keeps its
+    attention implementation; every Linear inside BertAttention (query, key, value, output.dense) carries the attention
+    role, the MLP's do not. One attribution runs every ruled module's rule once (forward and backward) and attributes
+    the two embedding sums, per layer one fused attention core (sdpa) or the eager code's matmul-softmax-matmul, and
+    the two residual sums.
+    '''
+    model = make_model('bert', dtype=torch.float32, attn=attn)
+    input_ids, attention_mask, token_type_ids = text_batch()
+    wrapper = EmbeddingsForward(model, attention_mask=attention_mask, token_type_ids=token_type_ids)
+    modules = list(wrapper.named_modules())
+    composite = AttnLRP()
+
+    def attribute():
+        embeds = input_embeds(model, input_ids)
+        output = wrapper(embeds)
+        torch.autograd.grad(output, embeds, output.detach() * onehot([1, 2], 3, dtype=output.dtype))
+
+    with composite.context(wrapper):
+        assert [(name, id(module)) for name, module in wrapper.named_modules()] == [
+            (name, id(module)) for name, module in modules]
+        assert not any('forward' in vars(module) for _, module in modules)
+        assert model.config._attn_implementation == attn
+        for layer in model.bert.encoder.layer:
+            attention = layer.attention
+            for projection in (attention.self.query, attention.self.key, attention.self.value, attention.output.dense):
+                assert composite.roles[projection] == 'attention_projection'
+            assert layer.intermediate.dense not in composite.roles and layer.output.dense not in composite.roles
+        with recorded_sites() as sites:
+            runs = rule_runs(wrapper, attribute)
+    assert set(runs) == {
+        name for name, module in wrapper.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Tanh)) or name.endswith('act_fn')
+    }
+    assert {name: calls for name, calls in runs.items() if calls != (1, 1)} == {}
+    expected = ['model.bert.embeddings.add', 'model.bert.embeddings.add_1']
+    for index in range(2):
+        prefix = f'model.bert.encoder.layer.{index}'
+        if attn == 'sdpa':
+            expected.append(f'{prefix}.attention.self.attention')
+        else:
+            # scores, scaling, padding mask, softmax, context
+            expected += [f'{prefix}.attention.self.{op}' for op in ('matmul', 'mul', 'add', 'softmax', 'matmul_1')]
+        expected += [f'{prefix}.attention.output.add', f'{prefix}.output.add']
+    assert sites == expected
+    assert model.config._attn_implementation == attn
 
 
 # --- forward unchanged, removal ---------------------------------------------------------------------------------
@@ -125,11 +174,18 @@ def test_registered_bert_structure():
 def test_text_forward_unchanged_while_registered(kind, attn):
     model = make_model(kind, dtype=torch.float32, attn=attn)
     input_ids, attention_mask, token_type_ids = text_batch(kind)
+    embeds = input_embeds(model, input_ids)
     assert_same_forward(
-        model, lambda m: m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+        model,
+        lambda m: m(inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids).logits,
     )
     # also without any mask (sdpa/eager then pass no mask at all)
-    assert_same_forward(model, lambda m: m(input_ids=input_ids).logits)
+    assert_same_forward(model, lambda m: m(inputs_embeds=embeds).logits)
+    # and from input_ids (no input-dependent float tensor: nothing to attribute)
+    expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    with AttnLRP().context(model), recorded_sites() as sites:
+        assert torch.equal(model(input_ids=input_ids, attention_mask=attention_mask).logits, expected)
+    assert sites == []
 
 
 LOOK_ALIKES = {
@@ -141,29 +197,30 @@ LOOK_ALIKES = {
 
 
 @pytest.mark.parametrize('name', sorted(LOOK_ALIKES))
-def test_look_alikes_forward_unchanged_and_unfolded(name):
-    '''The BERT/RoBERTa look-alikes (same module code under another prefix) are canonized too.'''
+def test_look_alikes_forward_unchanged_and_attributed(name):
+    '''The BERT/RoBERTa look-alikes (same module code under another prefix) run through the engine too: the forward
+    is unchanged and every layer's fused attention is attributed.'''
     config_name, extra = LOOK_ALIKES[name]
     torch.manual_seed(0)
     config = getattr(transformers, config_name)(vocab_size=40, max_position_embeddings=24, **TINY, **extra)
     model = getattr(transformers, name)(config).eval()
     model.config._attn_implementation = 'sdpa'
     input_ids, attention_mask, _ = text_batch('roberta')
-    call = lambda m: m(input_ids=input_ids, attention_mask=attention_mask).logits  # noqa: E731
-    assert_same_forward(model, call, composites=[AttnLRP])
-    with CPLRP().context(model):
-        unfolded = [name for name, _ in model.named_modules() if name.endswith('attnlrp_softmax')]
-    assert len(unfolded) == 2
-    result = token_relevance(model, AttnLRP(), input_ids, attention_mask)
+    embeds = input_embeds(model, input_ids)
+    call = lambda m: m(inputs_embeds=embeds, attention_mask=attention_mask).logits  # noqa: E731
+    assert_same_forward(model, call, composites=[AttnLRP, CPLRP])
+    with recorded_sites() as sites:
+        result = token_relevance(model, AttnLRP(), input_ids, attention_mask)
+    assert [site.rsplit('.', 1)[-1] for site in attention_sites(sites)] == ['attention', 'attention']
     assert torch.isfinite(result.relevance).all() and result.relevance.abs().sum() > 0
 
 
 @pytest.mark.parametrize('attn', ['eager', 'sdpa'])
 def test_vit_forward_unchanged_while_registered(attn):
     model = make_model('vit', dtype=torch.float32, attn=attn)
-    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     assert_same_forward(model, lambda m: m(x).logits)
-    large = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    large = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
     assert_same_forward(model, lambda m: m(large, interpolate_pos_encoding=True).logits)
 
 
@@ -200,18 +257,28 @@ def test_removal_after_exception_inside_context():
 
 # --- oracle agreement -------------------------------------------------------------------------------------------
 
+ATTENTION_PATHS = pytest.mark.parametrize(
+    'attn,fused', [('eager', True), ('sdpa', True), ('sdpa', False)], ids=['eager', 'sdpa-fused', 'sdpa-unfolded']
+)
+
+
 @pytest.mark.parametrize('kind', ['bert', 'roberta'])
 @pytest.mark.parametrize('composite_type,cp_lrp', [(AttnLRP, False), (CPLRP, True)])
-@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'unfolded'])
-def test_text_relevance_matches_oracle(kind, composite_type, cp_lrp, fused):
-    '''Padding mask and token_type_ids included; float64, ε tiny; fused attention core and unfolded chain.'''
-    model = make_model(kind)
+@ATTENTION_PATHS
+def test_text_relevance_matches_oracle(kind, composite_type, cp_lrp, attn, fused):
+    '''Padding mask and token_type_ids included; float64, ε tiny; the eager model's own attention code, the fused
+    attention core and the unfolded chain. The logits are the model's own (bit for bit except the unfolded chain).'''
+    model = make_model(kind, attn=attn)
     input_ids, attention_mask, token_type_ids = text_batch(kind)
     tt = token_type_ids if kind == 'bert' else None
     target = torch.tensor([1, 2])
     expected, logits = text_oracle(model, input_ids, attention_mask, tt, target, cp_lrp=cp_lrp)
+    with torch.no_grad():
+        own = model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=tt).logits
     result = token_relevance(model, composite_type(epsilon=1e-12, fused_attention=fused), input_ids, attention_mask,
                              target=target, token_type_ids=tt)
+    if fused:
+        assert torch.equal(result.logits, own)
     assert torch.allclose(result.logits, logits, rtol=1e-10, atol=1e-10)
     assert relative_difference(result.embedding_relevance, expected) < 1e-6
     assert torch.allclose(result.relevance, expected.sum(-1), atol=1e-6 * expected.abs().max().item())
@@ -220,15 +287,22 @@ def test_text_relevance_matches_oracle(kind, composite_type, cp_lrp, fused):
 
 
 @pytest.mark.parametrize('composite_type,cp_lrp', [(AttnLRP, False), (CPLRP, True)])
-@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'unfolded'])
-def test_vit_relevance_matches_oracle(composite_type, cp_lrp, fused):
-    model = make_model('vit')
+@ATTENTION_PATHS
+def test_vit_relevance_matches_oracle(composite_type, cp_lrp, attn, fused):
+    '''float64, ε tiny. transformers' eager ViT attention takes its softmax in float32 (the oracle in float64), so
+    its logits agree to ~1e-7 only; sdpa to rounding.'''
+    model = make_model('vit', attn=attn)
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     weight = onehot([1, 4], 5)
     expected, logits = oracle_relevance(lambda v: vit_logits(model, v, cp_lrp=cp_lrp), x, weight)
+    with torch.no_grad():
+        own = model(x).logits
     with Gradient(LogitsOnly(model), composite_type(epsilon=1e-12, fused_attention=fused)) as attributor:
         output, relevance = attributor(x, lambda y: y.detach() * weight)
-    assert torch.allclose(output, logits, rtol=1e-10, atol=1e-10)
+    if fused:
+        assert torch.equal(output, own)
+    tolerance = 1e-6 if attn == 'eager' else 1e-10
+    assert torch.allclose(output, logits, rtol=tolerance, atol=tolerance)
     assert relative_difference(relevance, expected) < 1e-6
 
 
@@ -242,15 +316,19 @@ def test_oracle_detects_a_wrong_rule():
     assert relative_difference(result.embedding_relevance, expected) > 1e-3
 
 
-def test_eager_and_sdpa_give_the_same_relevance():
+@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'unfolded'])
+def test_eager_and_sdpa_give_the_same_relevance(fused):
+    '''The eager model's own attention code and the sdpa model's fused core (or unfolded chain) give the same
+    relevance (default ε, which the fused rule applies to the scaled scores, the eager code to the unscaled ones).'''
     eager, sdpa = make_model('bert', attn='eager'), make_model('bert', attn='sdpa')
     input_ids, attention_mask, token_type_ids = text_batch()
     results = [
-        token_relevance(model, AttnLRP(), input_ids, attention_mask, token_type_ids=token_type_ids)
+        token_relevance(model, AttnLRP(fused_attention=fused), input_ids, attention_mask,
+                        token_type_ids=token_type_ids)
         for model in (eager, sdpa)
     ]
-    assert (results[0].embedding_relevance - results[1].embedding_relevance).abs().max().item() <= 1e-8
-    assert sdpa.config._attn_implementation == 'sdpa'
+    assert relative_difference(results[1].embedding_relevance, results[0].embedding_relevance) < 1e-6
+    assert sdpa.config._attn_implementation == 'sdpa' and eager.config._attn_implementation == 'eager'
 
 
 def test_padded_batch_equals_single_runs():
@@ -280,8 +358,9 @@ def test_padded_batch_equals_single_runs_roberta():
 
 
 @pytest.mark.parametrize('kind', ['bert', 'roberta'])
-def test_bfloat16_with_padding_is_finite(kind):
-    model = make_model(kind, dtype=torch.bfloat16, attn='sdpa')
+@pytest.mark.parametrize('attn', ['eager', 'sdpa'])
+def test_bfloat16_with_padding_is_finite(kind, attn):
+    model = make_model(kind, dtype=torch.bfloat16, attn=attn)
     input_ids, attention_mask, token_type_ids = text_batch(kind)
     for composite_type in (AttnLRP, CPLRP):
         result = token_relevance(model, composite_type(), input_ids, attention_mask,
@@ -352,18 +431,15 @@ def test_token_relevance_per_token_logits(kind, padding):
 
 
 def test_token_relevance_causal_lm():
-    '''A causal LM (tiny Llama, canonized by the decoder family): left padding, default position and target,
-    contrast, all four composites; right padding equals the unpadded single run.'''
-    from zennit_attn.canonizers import detect_canonizers
-
+    '''A causal LM (tiny Llama, float64 sdpa: eager attention in float64 turns left-padded rows into NaN): left
+    padding, default position and target, contrast, all four composites; right padding equals the unpadded single
+    run.'''
     config = transformers.LlamaConfig(
         vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=37,
+        intermediate_size=37, attn_implementation='sdpa',
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).double().eval()
-    if not any(type(family).__name__.startswith('Llama') for family in detect_canonizers(model)):
-        pytest.skip('no Llama canonizer registered')
     input_ids, attention_mask, _ = text_batch(padding='left')
     for composite_type in COMPOSITES:
         result = token_relevance(model, composite_type(), input_ids, attention_mask, contrast=3)
@@ -414,7 +490,13 @@ def minilm():
 def test_minilm_forward_unchanged_and_finite(minilm):
     model, batch = minilm
     readout = CLSReadout(model).eval()
-    assert_same_forward(readout, lambda m: m(**batch), composites=[AttnLRP, CPLRPViT])
+    embeds = input_embeds(model, batch['input_ids'])
+    assert_same_forward(
+        readout,
+        lambda m: m(inputs_embeds=embeds, attention_mask=batch['attention_mask'],
+                    token_type_ids=batch['token_type_ids']),
+        composites=[AttnLRP, CPLRPViT],
+    )
     result = token_relevance(readout, AttnLRP(), batch['input_ids'], batch['attention_mask'],
                              token_type_ids=batch['token_type_ids'])
     assert torch.isfinite(result.embedding_relevance).all()
@@ -443,42 +525,128 @@ def test_minilm_matches_oracle(minilm, composite_type, cp_lrp):
         model.float()
 
 
-# --- unsupported ------------------------------------------------------------------------------------------------
+# --- architectures the canonizers refused, which now run through the engine --------------------------------------
 
-def test_unsupported_architecture_raises():
+def zero_biases(model, also=()):
+    '''Zero every bias (and every parameter whose name contains one of ``also``) in place.'''
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith('bias') or any(part in name for part in also):
+                param.zero_()
+
+
+def test_distilbert_runs_and_conserves():
+    '''DistilBERT (refused by the old canonizers) runs through the engine: forward unchanged, one attention core
+    and two residual sums per layer, check() finds nothing, finite relevance; with zero biases and position
+    embeddings, CP-LRP conserves the readout exactly.'''
     torch.manual_seed(0)
-    model = DistilBertModel(DistilBertConfig(vocab_size=40, dim=32, n_layers=1, n_heads=4, hidden_dim=37)).eval()
-    before = snapshot(model)
-    with pytest.raises(UnsupportedModelError, match=r'DistilBertSelfAttention'):
-        AttnLRP().register(model)
-    assert_restored(model, before)
-
-
-def test_cross_attention_is_reported():
-    config = BertConfig(vocab_size=40, is_decoder=True, add_cross_attention=True, **TINY)
-    model = BertModel(config).eval()
-    before = snapshot(model)
-    with pytest.raises(UnsupportedModelError, match=r"'encoder\.layer\.0\.crossattention' \(BertAttention\)"):
-        AttnLRP().register(model)
-    assert_restored(model, before)
-
-
-def test_additive_mask_formats():
-    '''The canonical attention accepts eager (additive float), sdpa (boolean, True = attend) and no masks.'''
-    keep = torch.tensor([[[[True, True, False]]]])
-    additive = additive_mask(keep, torch.float32)
-    assert additive.dtype == torch.float32
-    assert additive[..., :2].eq(0).all() and additive[..., 2].item() == torch.finfo(torch.float32).min
-    assert torch.equal(additive_mask(additive, torch.float32), additive)
-    assert additive_mask(None, torch.float32) is None
-    model = make_model('bert', dtype=torch.float32)
+    config = DistilBertConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, hidden_dim=37, initializer_range=0.2)
+    model = DistilBertModel(config).double().eval()
+    assert model.config._attn_implementation == 'sdpa'
     input_ids, attention_mask, _ = text_batch()
-    expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    four_d = attention_mask.bool()[:, None, None, :].expand(2, 1, 7, 7)
+    embeds = input_embeds(model, input_ids)
+    call = lambda m: m(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state  # noqa: E731
+    assert_same_forward(model, call, composites=[AttnLRP, CPLRP])
+    with recorded_sites() as sites:
+        result = token_relevance(CLSReadout(model).eval(), AttnLRP(), input_ids, attention_mask, target=[0, 1])
+    assert sites == ['model.encoder.embeddings.add'] + [
+        f'model.encoder.transformer.layer.{index}.{op}' for index in range(2)
+        for op in ('attention.attention', 'add', 'add_1')
+    ]
+    assert torch.isfinite(result.embedding_relevance).all() and result.relevance.abs().sum() > 0
+    assert torch.all(result.relevance[attention_mask == 0] == 0)
+    report = check(EmbeddingsForward(CLSReadout(model).eval(), attention_mask=attention_mask), AttnLRP(),
+                   embeds.detach())
+    assert report.ok, str(report)
+
+    zero_biases(model, also=('position_embeddings',))
+    weight = torch.randn(32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    output, relevances = input_relevance(
+        model, CPLRP(epsilon=1e-12), lambda m, inputs_embeds: m(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state[:, 0],
+        lambda y: y * weight, inputs_embeds=embeds,
+    )
+    assert torch.allclose(relevances['inputs_embeds'].sum((1, 2)), (output * weight).sum(-1), rtol=1e-6)
+
+
+class CrossReadout(torch.nn.Module):
+    '''The last hidden state of the first token of a decoder attending to fixed encoder states (a plain tensor).'''
+    def __init__(self, decoder, encoder_hidden_states):
+        super().__init__()
+        self.decoder = decoder
+        self.encoder_hidden_states = encoder_hidden_states
+
+    def forward(self, inputs_embeds, attention_mask=None):
+        return self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                            encoder_hidden_states=self.encoder_hidden_states).last_hidden_state[:, 0]
+
+
+def test_bert_cross_attention_runs_and_conserves():
+    '''A BERT decoder with cross-attention (refused by the old canonizers) runs through the engine: forward unchanged,
+    per layer a self- and a cross-attention core, check() finds nothing, finite relevance; with zero biases, position
+    and token-type embeddings, CP-LRP conserves the readout over the input embeddings and the encoder states together
+    (the encoder states receive their share through the cross-attention values).'''
+    config = BertConfig(vocab_size=40, is_decoder=True, add_cross_attention=True, initializer_range=0.2, **TINY)
+    torch.manual_seed(0)
+    model = BertModel(config).double().eval()
+    assert model.config._attn_implementation == 'sdpa'
+    input_ids, attention_mask, _ = text_batch()
+    embeds = input_embeds(model, input_ids)
+    encoder = torch.randn(2, 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def call(m, inputs_embeds=embeds, encoder_hidden_states=encoder):
+        return m(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                 encoder_hidden_states=encoder_hidden_states).last_hidden_state[:, -1]
+
+    assert_same_forward(model, call, composites=[AttnLRP, CPLRP])
+    with AttnLRP().context(model), recorded_sites() as sites:
+        call(model)
+    assert attention_sites(sites) == [
+        f'encoder.layer.{index}.{part}.self.attention' for index in range(2) for part in ('attention', 'crossattention')
+    ]
+    weight = torch.randn(32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    _, relevances = input_relevance(model, AttnLRP(), call, lambda y: y * weight, inputs_embeds=embeds,
+                                    encoder_hidden_states=encoder)
+    assert all(torch.isfinite(value).all() and value.abs().sum() > 0 for value in relevances.values())
+    wrapper = EmbeddingsForward(CrossReadout(model, encoder), attention_mask=attention_mask)
+    report = check(wrapper, AttnLRP(), embeds.detach())
+    assert report.ok, str(report)
+
+    zero_biases(model, also=('position_embeddings', 'token_type_embeddings'))
+    output, relevances = input_relevance(model, CPLRP(epsilon=1e-12), call, lambda y: y * weight,
+                                         inputs_embeds=embeds, encoder_hidden_states=encoder)
+    total = relevances['inputs_embeds'].sum((1, 2)) + relevances['encoder_hidden_states'].sum((1, 2))
+    assert relevances['encoder_hidden_states'].abs().sum() > 0
+    assert torch.allclose(total, (output * weight).sum(-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize('attn', ['eager', 'sdpa'])
+def test_attention_mask_formats_and_attention_weights(attn):
+    '''While registered, the model's own mask handling runs unchanged: 4-D boolean and 4-D additive masks give the
+    unregistered model's logits bit for bit (the additive one, and under sdpa the boolean one, equal the 2-D mask's;
+    transformers' eager BERT does not convert a 4-D boolean mask). With ``output_attentions=True`` the eager model
+    returns its own probabilities, bit-identical to the unregistered run and zero at padding.'''
+    model = make_model('bert', dtype=torch.float32, attn=attn)
+    input_ids, attention_mask, _ = text_batch()
+    embeds = input_embeds(model, input_ids)
+    boolean = attention_mask.bool()[:, None, None, :].expand(2, 1, 7, 7)
+    additive = torch.zeros(boolean.shape).masked_fill(~boolean, torch.finfo(torch.float32).min)
+    two_d = model(inputs_embeds=embeds, attention_mask=attention_mask).logits
+    for mask in (boolean, additive):
+        expected = model(inputs_embeds=embeds, attention_mask=mask).logits
+        with AttnLRP().context(model):
+            actual = model(inputs_embeds=embeds, attention_mask=mask).logits
+        assert torch.equal(actual, expected)
+        if mask is additive or attn == 'sdpa':
+            assert torch.allclose(actual, two_d, atol=1e-6)
+    if attn == 'sdpa':
+        return
+    expected = model(inputs_embeds=embeds, attention_mask=attention_mask, output_attentions=True)
     with AttnLRP().context(model):
-        assert torch.allclose(model(input_ids=input_ids, attention_mask=four_d).logits, expected, atol=1e-6)
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
+        outputs = model(inputs_embeds=embeds, attention_mask=attention_mask, output_attentions=True)
+    assert torch.equal(outputs.logits, expected.logits)
     assert len(outputs.attentions) == 2 and outputs.attentions[0].shape == (2, 4, 7, 7)
+    assert all(torch.equal(actual, original) for actual, original in zip(outputs.attentions, expected.attentions))
     assert outputs.attentions[0][1, :, :, 5:].eq(0).all()
 
 
@@ -502,8 +670,9 @@ def test_coverage_lint_finds_no_unhooked_op(kind, composite_type):
     assert report.ok, str(report)
 
 
-def test_two_families_in_one_model_are_both_restored():
-    '''A model holding a BERT and a LLaMA (both sdpa) gets both attention implementations back after removal.'''
+def test_two_families_in_one_model_keep_their_attention():
+    '''A model holding a BERT and a LLaMA (both sdpa): while registered both keep sdpa and their modules, the
+    engine attributes the attention of both; removal restores everything.'''
     from transformers import LlamaConfig, LlamaModel
 
     class Pair(torch.nn.Module):
@@ -515,41 +684,57 @@ def test_two_families_in_one_model_are_both_restored():
                 num_key_value_heads=1, attn_implementation='sdpa',
             )).double().eval()
 
+        def forward(self, bert_embeds, llama_embeds):
+            return (self.bert(inputs_embeds=bert_embeds).logits.sum()
+                    + self.llama(inputs_embeds=llama_embeds).last_hidden_state.sum())
+
     model = Pair()
     before = snapshot(model)
+    bert_embeds = torch.randn(1, 5, 32, dtype=torch.float64, requires_grad=True)
+    llama_embeds = torch.randn(1, 5, 16, dtype=torch.float64, requires_grad=True)
+    expected = model(bert_embeds, llama_embeds)
     composite = AttnLRP()
     composite.register(model)
-    assert model.bert.config._attn_implementation == 'eager' and model.llama.config._attn_implementation == 'eager'
-    composite.remove()
+    try:
+        assert model.bert.config._attn_implementation == 'sdpa' and model.llama.config._attn_implementation == 'sdpa'
+        assert [name for name, _ in model.named_modules()] == [name for name, _ in before['modules']]
+        with recorded_sites() as sites:
+            actual = model(bert_embeds, llama_embeds)
+    finally:
+        composite.remove()
+    assert torch.equal(actual, expected)
+    assert attention_sites(sites) == ['bert.bert.encoder.layer.0.attention.self.attention',
+                                      'bert.bert.encoder.layer.1.attention.self.attention',
+                                      'llama.layers.0.self_attn.attention']
     assert model.bert.config._attn_implementation == 'sdpa' and model.llama.config._attn_implementation == 'sdpa'
     assert_restored(model, before)
 
 
 @pytest.mark.parametrize('composite_type', [AttnLRP, CPLRP])
-def test_requested_attention_weights_use_the_unfolded_chain_with_the_same_relevance(composite_type):
-    '''With ``output_attentions=True`` the attention weights must exist, so the canonizer runs the unfolded chain
-    instead of the fused core: the weights equal the original model's, and the relevance equals the fused run's.
+def test_requested_attention_weights_give_the_same_relevance(composite_type):
+    '''With ``output_attentions=True`` the (eager) model returns its own probabilities, unchanged while registered,
+    and its relevance (through its own matmul-softmax-matmul code) equals that of the fused core of the same weights
+    loaded with sdpa.
     '''
-    from zennit_attn.attribution import EmbeddingsForward
-
-    model = make_model('bert')
+    eager = make_model('bert')
+    sdpa = make_model('bert', attn='sdpa')
     input_ids, attention_mask, _ = text_batch()
-    original = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True).attentions
-    embeds = model.get_input_embeddings()(input_ids).detach()
+    original = eager(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True).attentions
+    embeds = eager.get_input_embeddings()(input_ids).detach()
     seed = onehot([1, 2], 3)
-    relevances, calls = {}, {}
-    for requested in (False, True):
+    relevances, sites = {}, {}
+    for model, requested in ((sdpa, False), (eager, True)):
         wrapper = EmbeddingsForward(model, attention_mask=attention_mask, output_attentions=requested)
-        composite = composite_type(epsilon=1e-12)
-        with Gradient(wrapper, composite) as attributor:
+        with recorded_sites() as sites[requested], Gradient(wrapper, composite_type(epsilon=1e-12)) as attributor:
             _, relevances[requested] = attributor(embeds, lambda y: y * seed)
-            calls[requested] = hooked_call_counts(wrapper, lambda: wrapper(embeds))
-            if requested:
-                weights = model(inputs_embeds=embeds, attention_mask=attention_mask, output_attentions=True).attentions
-    core = 'model.bert.encoder.layer.0.attention.self.attnlrp_attention'
-    softmax = 'model.bert.encoder.layer.0.attention.self.attnlrp_softmax'
-    assert (calls[False][core], calls[False][softmax]) == (1, 0)
-    assert (calls[True][core], calls[True][softmax]) == (0, 1)
-    assert relative_difference(relevances[True], relevances[False]) < 1e-9
+        if requested:
+            with composite_type().context(model):
+                weights = model(inputs_embeds=embeds.clone().requires_grad_(True), attention_mask=attention_mask,
+                                output_attentions=True).attentions
+    prefix = 'model.bert.encoder.layer.0.attention.self'
+    assert f'{prefix}.attention' in sites[False] and f'{prefix}.softmax' not in sites[False]
+    assert f'{prefix}.softmax' in sites[True] and f'{prefix}.attention' not in sites[True]
+    assert relative_difference(relevances[True], relevances[False]) < 1e-6
+    assert len(weights) == len(original) == 2
     for actual, expected in zip(weights, original):
-        assert torch.allclose(actual, expected, rtol=1e-10, atol=1e-12)
+        assert torch.equal(actual, expected)

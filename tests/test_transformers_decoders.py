@@ -1,6 +1,9 @@
-'''Hugging Face decoder families (LLaMA, Mistral, Qwen2, Qwen3, Gemma3 text, GPT-2) end to end: canonizers,
-composites, and agreement with the independent oracle (tests/oracle_decoders.py).
+'''Hugging Face decoder families (LLaMA, Mistral, Qwen2, Qwen3, Gemma3 text, GPT-2) end to end through the
+interception engine (the model's own forward, glue operations routed to rules): composites, the unchanged forward, and
+agreement with the independent oracle (tests/oracle_decoders.py).
 '''
+import inspect
+
 import pytest
 import torch
 from zennit.attribution import Gradient
@@ -14,15 +17,17 @@ from transformers import (  # noqa: E402
 )
 from transformers.cache_utils import DynamicCache  # noqa: E402
 
-from zennit_attn import layers, types  # noqa: E402
-from zennit_attn.canonizers import detect_canonizers  # noqa: E402
-from zennit_attn.canonizers.transformers.common import cache_keyword  # noqa: E402
+from zennit_attn import check, types  # noqa: E402
 from zennit_attn.composites import AttentionComposite, AttnLRP, AttnLRPViT, CPLRP  # noqa: E402
-from zennit_attn.rules import Epsilon, Gamma  # noqa: E402
+from zennit_attn.engine import UnsupportedOperationError  # noqa: E402
+from zennit_attn.families import detect_families  # noqa: E402
+from zennit_attn.rules import Epsilon, Gamma, IdentityRule  # noqa: E402
 
-from helpers import expected_calls, hooked_call_counts  # noqa: E402
+from helpers import input_relevance, recorded_sites, rule_runs  # noqa: E402
 from oracle_decoders import decoder_logits, decoder_oracle, gpt2_oracle  # noqa: E402
 from restoration import assert_restored, relative_difference, snapshot  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 VOCAB = 100
@@ -52,8 +57,13 @@ LLAMA_LIKE = [family for family in FAMILY_NAMES if family != 'gpt2']
 TARGET = torch.tensor([3, 5])
 
 
-def make_model(family, dtype=torch.float64, attn_implementation='eager', seed=0, **overrides):
-    '''A tiny random model; norm weights and biases are perturbed so that no parameter is trivially 0 or 1.'''
+def make_model(family, dtype=torch.float64, attn_implementation='sdpa', seed=0, **overrides):
+    '''A tiny random model; norm weights and biases are perturbed so that no parameter is trivially 0 or 1.
+
+    sdpa by default: transformers' own eager attention turns the rows of float64 models that left padding masks
+    completely into NaN (see test_float64_eager_left_padding_raises_the_nan_error), and the engine runs the model's
+    own forward unchanged.
+    '''
     config_type, model_type, extra = FAMILIES[family]
     common = GPT2_CONFIG if family == 'gpt2' else COMMON
     config = config_type(**{**common, **extra, **overrides}, attn_implementation=attn_implementation)
@@ -106,22 +116,45 @@ def attribute(model, composite, embeds, mask, positions, target=TARGET, **kwargs
     return output, relevance
 
 
+def real_rows_close(actual, expected, mask, tolerance=1e-6):
+    '''Whether the outputs of the real (unpadded) positions agree to ``tolerance`` relative to the output scale.'''
+    real = mask.bool()
+    scale = max(1., expected.abs().max().item())
+    return (actual[real] - expected[real]).abs().max().item() <= tolerance * scale
+
+
+def zero_biases(model, also=()):
+    '''Zero every bias (and the parameters named in ``also``) in place.'''
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith('bias') or name in also:
+                param.zero_()
+
+
 @pytest.mark.parametrize('family', FAMILY_NAMES)
 @pytest.mark.parametrize('composite_type,cp_lrp', [(AttnLRP, False), (CPLRP, True)], ids=['attnlrp', 'cp_lrp'])
 @pytest.mark.parametrize('fused', [True, False], ids=['fused', 'unfolded'])
 def test_relevance_matches_oracle(family, composite_type, cp_lrp, fused):
-    '''AttnLRP / CP-LRP relevance at the input embeddings equals the hand-written modified gradient × input (float64,
-    left-padded batch, sliding windows shorter than the sequence where the family has them), with the fused attention
-    core and with the unfolded chain.
+    '''AttnLRP / CP-LRP relevance at the input embeddings equals the hand-written modified gradient × input (float64
+    sdpa model, left-padded batch, sliding windows shorter than the sequence where the family has them), with the fused
+    attention core and with the unfolded chain. The fused forward is the model's own, bit for bit; the oracle mimics
+    eager attention (float32 softmax), so its logits agree to ~1e-8.
     '''
     model = make_model(family)
     embeds, mask, positions = inputs(model)
     oracle = gpt2_oracle if family == 'gpt2' else decoder_oracle
     expected, logits = oracle(model, embeds, mask, positions, TARGET, cp_lrp=cp_lrp)
+    with torch.no_grad():
+        own = NextToken(model, mask, positions)(embeds)
     output, relevance = attribute(
         model, composite_type(epsilon=1e-12, fused_attention=fused), embeds, mask, positions
     )
-    assert torch.allclose(output, logits, rtol=1e-10, atol=1e-10)
+    if fused:
+        assert torch.equal(output, own)
+    else:
+        # the unfolded chain replaces the sdpa kernel by its matmuls and softmax
+        assert torch.allclose(output, own, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(output, logits, rtol=1e-6, atol=1e-6)
     assert relative_difference(relevance, expected) < 1e-6
     assert (relevance[1, :2] == 0).all()  # padding tokens
 
@@ -138,8 +171,10 @@ def test_oracle_detects_wrong_rules():
 
 
 def test_oracle_follows_the_sliding_window():
-    '''The oracle's logits equal the model's only with the right window: the sliding-window tests are meaningful.'''
-    model = make_model('mistral')
+    '''The oracle's logits equal the model's (eager, whose float32 softmax the oracle mimics) only with the right
+    window: the sliding-window tests are meaningful.
+    '''
+    model = make_model('mistral', attn_implementation='eager')
     embeds, mask, positions = inputs(model, batch=1)
     with AttnLRP().context(model):
         logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
@@ -151,18 +186,26 @@ def test_oracle_follows_the_sliding_window():
 @pytest.mark.parametrize('family', FAMILY_NAMES)
 @pytest.mark.parametrize('attn_implementation', ['eager', 'sdpa'])
 def test_forward_unchanged_while_registered(family, attn_implementation):
-    '''The canonized model computes the original output (float32, ≤1e-6 relative to the output scale), also for a
-    model loaded with sdpa (whose masks the canonizer switches to the eager format).
+    '''With a composite registered and an input that requires a gradient (so that every glue operation gets its rule
+    node), the model's own forward runs: the output is bit-identical to the unregistered one (float32, left-padded
+    batch). Only the unfolded chain replaces an operation (the sdpa kernel) and agrees to ≤1e-6 on the real tokens.
     '''
     model = make_model(family, dtype=torch.float32, attn_implementation=attn_implementation)
     embeds, mask, positions = inputs(model)
-    expected = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
-    for composite in (AttnLRP(), CPLRP()):
-        with composite.context(model):
-            actual = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
-        real = mask.bool()
-        scale = max(1., expected.abs().max().item())
-        assert (actual[real] - expected[real]).abs().max() <= 1e-6 * scale
+    embeds.requires_grad_(True)
+
+    def forward():
+        return model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+
+    expected = forward()
+    for composite in (AttnLRP(), CPLRP(), AttnLRP(fused_attention=False)):
+        with composite.context(model), recorded_sites() as sites:
+            actual = forward()
+        assert sites, 'the engine attributed no operation'
+        if attn_implementation == 'eager' or composite.fused_attention:
+            assert torch.equal(actual, expected)
+        else:
+            assert real_rows_close(actual, expected, mask)
 
 
 @pytest.mark.parametrize('family', FAMILY_NAMES)
@@ -170,7 +213,7 @@ def test_removal_restores_model_bit_identically(family):
     '''After an attribution, and after an exception inside the context, the model has the same modules, forwards,
     parameter objects (tied embeddings stay tied), state_dict, hooks and attention implementation.
     '''
-    model = make_model(family, dtype=torch.float32, attn_implementation='sdpa')
+    model = make_model(family, dtype=torch.float32)
     before = snapshot(model)
     embeds, mask, positions = inputs(model)
     expected = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
@@ -184,64 +227,120 @@ def test_removal_restores_model_bit_identically(family):
     assert torch.equal(model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits, expected)
 
 
+def run_attribution(wrapper, embeds, target=TARGET):
+    '''A forward and a backward pass of ``wrapper`` (inside a composite context) seeded with ``logit * onehot``.'''
+    x = embeds.detach().clone().requires_grad_(True)
+    output = wrapper(x)
+    onehot = torch.nn.functional.one_hot(target[:len(x)], VOCAB).to(x.dtype)
+    torch.autograd.grad(output, x, output.detach() * onehot)
+
+
+def attention_sites(sites):
+    '''The operation sites of attention (fused attention cores and softmaxes), without the op counter.'''
+    return [site for site in sites if site.rsplit('.', 1)[-1].split('_')[0] in ('attention', 'softmax')]
+
+
 @pytest.mark.parametrize('family', LLAMA_LIKE)
-def test_registered_model_structure(family):
-    '''While registered: every attention is unfolded (one op instance per call site, each called once per forward),
-    projections carry the attention role, the config says eager, and tied embeddings stay tied.
+@pytest.mark.parametrize('attn_implementation,fused', [('sdpa', True), ('sdpa', False), ('eager', True)],
+                         ids=['sdpa-fused', 'sdpa-unfolded', 'eager'])
+def test_registered_model_structure(family, attn_implementation, fused):
+    '''While registered nothing is added to the model (same modules, no forward replaced), the config keeps its
+    attention implementation, tied embeddings stay tied and the projections carry the attention role. One attribution
+    runs every ruled module's rule once (forward and backward) and attributes, per layer, one fused attention core
+    (sdpa, fused) or one matmul-softmax-matmul chain (unfolded, or the eager model's own code), the rotary sums, the
+    gated product and both residual sums.
     '''
-    model = make_model(family, dtype=torch.float32, attn_implementation='sdpa')
+    model = make_model(family, dtype=torch.float32, attn_implementation=attn_implementation)
     tied = model.config.tie_word_embeddings
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
-    composite = AttnLRP()
     embeds, mask, positions = inputs(model)
-    with composite.context(model):
-        assert model.config._attn_implementation == 'eager'
+    wrapper = NextToken(model, mask, positions)
+    modules = list(wrapper.named_modules())
+    composite = AttnLRP(fused_attention=fused)
+    with composite.context(wrapper):
+        assert [(name, id(module)) for name, module in wrapper.named_modules()] == [
+            (name, id(module)) for name, module in modules]
+        assert not any('forward' in vars(module) for _, module in modules)
+        assert model.config._attn_implementation == attn_implementation
         assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
         for layer in model.model.layers:
-            attention = layer.self_attn
-            assert isinstance(attention.attnlrp_scores, layers.AttentionScores)
-            assert attention.attnlrp_scores.scale == attention.scaling
-            assert isinstance(attention.attnlrp_softmax, layers.AttentionSoftmax)
-            assert attention.attnlrp_softmax.dtype == torch.float32
-            assert isinstance(attention.attnlrp_attention, layers.AttentionCore)
-            assert attention.attnlrp_attention.softmax_dtype == torch.float32
-            assert attention.attnlrp_attention.scale == attention.scaling
-            assert attention.attnlrp_rope_query is not attention.attnlrp_rope_key
-            assert isinstance(layer.mlp.attnlrp_product, layers.GatedProduct)
-            assert isinstance(layer.attnlrp_residual_attention, layers.Sum)
             for name in ('q_proj', 'k_proj', 'v_proj', 'o_proj'):
-                assert composite.roles[getattr(attention, name)] == 'attention_projection'
-        counts = hooked_call_counts(
-            model, lambda: model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
-        )
-    assert len(counts) > 30
-    assert {name: value for name, value in counts.items() if value != expected_calls(name, fused=True)} == {}
-    assert model.config._attn_implementation == 'sdpa'
+                assert composite.roles[getattr(layer.self_attn, name)] == 'attention_projection'
+            for name in ('gate_proj', 'up_proj', 'down_proj'):
+                assert getattr(layer.mlp, name) not in composite.roles
+        with recorded_sites() as sites:
+            runs = rule_runs(wrapper, lambda: run_attribution(wrapper, embeds))
+    assert set(runs) == {
+        name for name, module in wrapper.named_modules()
+        if isinstance(module, torch.nn.Linear) or type(module).__name__.endswith('RMSNorm') or name.endswith('act_fn')
+    }
+    assert {name: calls for name, calls in runs.items() if calls != (1, 1)} == {}
+    unfolded = attn_implementation == 'eager' or not fused
+    expected = []
+    for index in range(len(model.model.layers)):
+        prefix = f'model.model.layers.{index}'
+        expected.append(f'{prefix}.self_attn.softmax' if unfolded else f'{prefix}.self_attn.attention')
+        if unfolded:
+            assert {f'{prefix}.self_attn.matmul', f'{prefix}.self_attn.matmul_1'} <= set(sites)
+        # rotary embeddings (x * cos + rotate(x) * sin for queries and keys), gated MLP product, residual sums
+        assert {f'{prefix}.self_attn.add', f'{prefix}.self_attn.add_1', f'{prefix}.self_attn.neg',
+                f'{prefix}.mlp.mul', f'{prefix}.add', f'{prefix}.add_1'} <= set(sites)
+        assert f'{prefix}.add_2' not in sites
+    assert attention_sites(sites) == expected
+    assert len(sites) == len(set(sites))  # site names are unique per forward
+    assert model.config._attn_implementation == attn_implementation
+
+
+def test_cp_lrp_stops_at_queries_and_keys():
+    '''Under CP-LRP (attention probabilities constant) the query and key projections receive no relevance, the value
+    and output projections do; under AttnLRP all four do.
+    '''
+    from zennit_attn.latent import record_relevance
+
+    model = make_model('llama', dtype=torch.float32)
+    embeds, mask, positions = inputs(model)
+    wrapper = NextToken(model, mask, positions)
+    for composite_type, stopped in ((CPLRP, ('q_proj', 'k_proj')), (AttnLRP, ())):
+        with record_relevance(wrapper, ['model.model.layers.*.self_attn.?_proj']) as recorded:
+            with Gradient(wrapper, composite_type()) as attributor:
+                attributor(embeds, lambda y: y * torch.nn.functional.one_hot(TARGET, VOCAB))
+        for index in range(len(model.model.layers)):
+            for name in ('q_proj', 'k_proj', 'v_proj', 'o_proj'):
+                site = f'model.model.layers.{index}.self_attn.{name}'
+                assert site in recorded.matched
+                total = recorded[site].abs().sum().item() if site in recorded else 0.
+                assert (total == 0) == (name in stopped), (composite_type.__name__, site, total)
 
 
 def test_family_detection():
-    '''Each model is detected as exactly its own family.'''
-    detected = {}
-    for family in FAMILY_NAMES:
-        model = make_model(family, dtype=torch.float32)
-        detected[family] = [type(canonizer).__name__ for canonizer in detect_canonizers(model)]
+    '''Each model is detected as exactly its own family declaration.'''
+    detected = {
+        family: [declared.name for declared in detect_families(make_model(family, dtype=torch.float32))]
+        for family in FAMILY_NAMES
+    }
     assert detected == {
-        'gemma3': ['Gemma3TextCanonizer'], 'llama': ['LlamaCanonizer'], 'mistral': ['MistralCanonizer'],
-        'qwen2': ['Qwen2Canonizer'], 'qwen3': ['Qwen3Canonizer'], 'gpt2': ['GPT2Canonizer'],
+        'gemma3': ['LLaMA family'], 'llama': ['LLaMA family'], 'mistral': ['LLaMA family'],
+        'qwen2': ['LLaMA family'], 'qwen3': ['LLaMA family'], 'gpt2': ['GPT-2'],
     }
 
 
 @pytest.mark.parametrize('family', FAMILY_NAMES)
 def test_eager_and_sdpa_models_give_the_same_relevance(family):
-    '''Copies of the same weights loaded with eager and sdpa attention give the same relevance.'''
-    eager = make_model(family)
-    sdpa = make_model(family, attn_implementation='sdpa', seed=5)
-    sdpa.load_state_dict(eager.state_dict())
-    embeds, mask, positions = inputs(eager)
-    _, expected = attribute(eager, AttnLRP(), embeds, mask, positions)
-    _, actual = attribute(sdpa, AttnLRP(), embeds, mask, positions)
-    assert torch.equal(actual, expected)
-    assert sdpa.config._attn_implementation == 'sdpa'
+    '''Copies of the same weights loaded with eager and sdpa attention give the same relevance (float64 without
+    padding, float32 with a left-padded batch): eager attention runs the model's own matmul-softmax-matmul code, sdpa
+    one fused attention core or the engine's unfolded chain. Eager's softmax is float32, so 1e-6 relative, not exact.
+    '''
+    # ε tiny: the fused rule and the engine's unfolded chain stabilise the scaled scores c * q @ k^T, the eager code's
+    # matmul the unscaled q @ k^T (at ε = 1e-6 they differ by up to ~2e-5 relative in float32)
+    for dtype, pad, epsilon, fused in ((torch.float64, 0, 1e-12, True), (torch.float32, 2, 1e-12, False)):
+        eager = make_model(family, dtype=dtype, attn_implementation='eager')
+        sdpa = make_model(family, dtype=dtype, seed=5)
+        sdpa.load_state_dict(eager.state_dict())
+        embeds, mask, positions = inputs(eager, pad=pad)
+        _, expected = attribute(eager, AttnLRP(epsilon=epsilon), embeds, mask, positions)
+        _, actual = attribute(sdpa, AttnLRP(epsilon=epsilon, fused_attention=fused), embeds, mask, positions)
+        assert relative_difference(actual, expected) < 1e-6
+        assert sdpa.config._attn_implementation == 'sdpa' and eager.config._attn_implementation == 'eager'
 
 
 @pytest.mark.parametrize('family', FAMILY_NAMES)
@@ -264,9 +363,10 @@ def test_left_padded_batch_equals_single_runs(family):
 
 
 @pytest.mark.parametrize('family', FAMILY_NAMES)
-def test_bfloat16_with_padding_is_finite(family):
+@pytest.mark.parametrize('attn_implementation', ['eager', 'sdpa'])
+def test_bfloat16_with_padding_is_finite(family, attn_implementation):
     '''bfloat16 models with padding masks give finite, non-zero relevance.'''
-    model = make_model(family, dtype=torch.bfloat16)
+    model = make_model(family, dtype=torch.bfloat16, attn_implementation=attn_implementation)
     embeds, mask, positions = inputs(model)
     output, relevance = attribute(model, AttnLRP(), embeds, mask, positions)
     assert relevance.dtype == torch.bfloat16
@@ -277,21 +377,21 @@ def test_bfloat16_with_padding_is_finite(family):
 
 
 @pytest.mark.parametrize('family', ['llama', 'gemma3', 'gpt2'])
-def test_key_value_cache(family):
-    '''With ``use_cache=True`` (a cache the model creates itself) relevance is unchanged; with a prefilled cache the
-    canonized forward equals the original and relevance is finite (the cached keys/values absorb their share).
+@pytest.mark.parametrize('attn_implementation', ['eager', 'sdpa'])
+def test_key_value_cache(family, attn_implementation):
+    '''With ``use_cache=True`` (a cache the model creates itself) relevance is unchanged; with a prefilled cache (keys
+    and values computed without gradient: constants) the engine's forward equals the model's own output bit for bit
+    and relevance is finite (the cached keys/values absorb their share).
     '''
-    model = make_model(family)
+    model = make_model(family, attn_implementation=attn_implementation)
     embeds, mask, positions = inputs(model, batch=1)
     _, expected = attribute(model, AttnLRP(), embeds, mask, positions)
     _, cached = attribute(model, AttnLRP(), embeds, mask, positions, use_cache=True)
     assert torch.equal(cached, expected)
 
-    def continuation(cache, keyword='past_key_values', position_ids=True):
+    def continuation(cache, new, keyword='past_key_values', position_ids=True):
         extra = {'position_ids': positions[:, 4:]} if position_ids else {}
-        return model(
-            inputs_embeds=embeds[:, 4:], attention_mask=mask, use_cache=True, **extra, **{keyword: cache},
-        ).logits
+        return model(inputs_embeds=new, attention_mask=mask, use_cache=True, **extra, **{keyword: cache}).logits
 
     def prefill():
         cache = DynamicCache(config=model.config)
@@ -301,13 +401,15 @@ def test_key_value_cache(family):
         return cache
 
     # the deprecated keyword and the model's own (``cache`` from transformers 5.24 on), with and without position ids
-    # (without them, the positions are counted from the cache's length)
-    for keyword in sorted({'past_key_values', cache_keyword(type(model).forward)}):
+    # (without them, the positions are counted from the cache's length): the model's own forward handles them all
+    keywords = {'past_key_values'} | ({'cache'} & set(inspect.signature(type(model).forward).parameters))
+    for keyword in sorted(keywords):
         for position_ids in (True, False):
-            original = continuation(prefill(), keyword, position_ids)
-            with AttnLRP().context(model):
-                canonized = continuation(prefill(), keyword, position_ids)
-            assert torch.allclose(canonized, original, rtol=1e-12, atol=1e-12), (keyword, position_ids)
+            original = continuation(prefill(), embeds[:, 4:], keyword, position_ids)
+            with AttnLRP().context(model), recorded_sites() as sites:
+                engine = continuation(prefill(), embeds[:, 4:].clone().requires_grad_(True), keyword, position_ids)
+            assert attention_sites(sites)  # the continuation's attention was attributed
+            assert torch.equal(engine, original), (keyword, position_ids)
     _, relevance = attribute(
         model, AttnLRP(), embeds[:, 4:], mask, positions[:, 4:], past_key_values=prefill(), use_cache=True
     )
@@ -320,10 +422,7 @@ def test_cp_lrp_conserves_on_bias_free_decoder(family):
     bypassed; RMSNorm, soft-capping and the gate are identity / constant).
     '''
     model = make_model(family)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith('bias'):
-                param.zero_()
+    zero_biases(model)
     embeds, mask, positions = inputs(model)
     output, relevance = attribute(model, CPLRP(epsilon=1e-12), embeds, mask, positions)
     logits = output[torch.arange(2), TARGET]
@@ -331,41 +430,136 @@ def test_cp_lrp_conserves_on_bias_free_decoder(family):
 
 
 def test_gpt2_registered_model_structure():
-    '''GPT-2 while registered: attention, residual and position-embedding sums unfolded, Conv1D projections carry the
-    attention role and get ε, the MLP's Conv1D and NewGELU get ε / identity, embeddings stay tied, every hooked module
-    runs once per forward; wpe is restored afterwards.
+    '''GPT-2 while registered: nothing added, the config keeps sdpa, embeddings stay tied, the attention Conv1D layers
+    carry the attention role (ε), the MLP's Conv1D and NewGELU get ε / identity; one attribution runs every ruled
+    module once and attributes exactly the position-embedding sum, one attention core and two residual sums per block.
+    The forward is the model's own, bit for bit.
     '''
-    model = make_model('gpt2', dtype=torch.float32, attn_implementation='sdpa')
+    model = make_model('gpt2', dtype=torch.float32)
     transformer = model.transformer
     composite = AttnLRP()
     embeds, mask, positions = inputs(model)
-    with composite.context(model):
-        assert model.config._attn_implementation == 'eager'
+    wrapper = NextToken(model, mask, positions)
+    modules = list(wrapper.named_modules())
+    with composite.context(wrapper):
+        assert [(name, id(module)) for name, module in wrapper.named_modules()] == [
+            (name, id(module)) for name, module in modules]
+        assert not any('forward' in vars(module) for _, module in modules)
+        assert model.config._attn_implementation == 'sdpa'
         assert model.lm_head.weight is transformer.wte.weight
-        assert isinstance(transformer.attnlrp_position_embedding, layers.Sum)
-        assert 'forward' in vars(transformer.wpe)
         for block in transformer.h:
-            assert isinstance(block.attn.attnlrp_scores, layers.AttentionScores)
-            assert block.attn.attnlrp_scores.scale == block.attn.scaling
-            assert isinstance(block.attn.attnlrp_attention, layers.AttentionCore)
-            assert isinstance(block.attnlrp_residual_mlp, layers.Sum)
             assert composite.roles[block.attn.c_attn] == composite.roles[block.attn.c_proj] == 'attention_projection'
+            assert block.mlp.c_fc not in composite.roles
             assert isinstance(composite.mapping(None, '', block.mlp.c_fc), Epsilon)
-            assert type(composite.mapping(None, '', block.mlp.act)).__name__ == 'IdentityRule'
-        counts = hooked_call_counts(
-            model, lambda: model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
-        )
-    assert len(counts) > 20
-    assert {name: value for name, value in counts.items() if value != expected_calls(name, fused=True)} == {}
-    assert 'forward' not in vars(transformer.wpe)
-    ids = torch.randint(0, VOCAB, (1, LENGTH))
+            assert isinstance(composite.mapping(None, '', block.mlp.act), IdentityRule)
+        with recorded_sites() as sites:
+            runs = rule_runs(wrapper, lambda: run_attribution(wrapper, embeds))
+    assert set(runs) == {
+        name for name, module in wrapper.named_modules()
+        if type(module).__name__ in ('Conv1D', 'LayerNorm', 'Linear') or name.endswith('mlp.act')
+    }
+    assert {name: calls for name, calls in runs.items() if calls != (1, 1)} == {}
+    assert sites == ['model.transformer.add'] + [
+        f'model.transformer.h.{index}.{op}' for index in range(len(transformer.h))
+        for op in ('attn.attention', 'add', 'add_1')
+    ]
+    ids = torch.randint(0, VOCAB, (1, LENGTH), generator=torch.Generator().manual_seed(4))
     expected = model(input_ids=ids).logits
     with AttnLRP().context(model):
-        # sdpa-loaded original vs. the eager canonical forward
-        assert torch.allclose(model(input_ids=ids).logits, expected, rtol=1e-6, atol=1e-6)
-    with pytest.raises(NotImplementedError, match='token_type_ids'):
-        with AttnLRP().context(model):
-            model(input_ids=ids, token_type_ids=ids)
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+def test_gpt2_token_type_ids_run_through_the_engine():
+    '''GPT-2's token-type embeddings (looked up in wte and added like the position embeddings) are a second constant
+    summand: the forward is unchanged, check() finds nothing, and the relevance equals the oracle's with the token-type
+    embeddings folded into its position-embedding table.
+    '''
+    from types import SimpleNamespace
+
+    model = make_model('gpt2')
+    transformer = model.transformer
+    embeds, mask, positions = inputs(model)
+    token_types = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(6))
+    wrapper = NextToken(model, mask, positions, token_type_ids=token_types)
+    x = embeds.clone().requires_grad_(True)
+    expected = wrapper(x)
+    with AttnLRP().context(wrapper), recorded_sites() as sites:
+        actual = wrapper(x)
+    assert torch.equal(actual, expected)
+    assert sites[:2] == ['model.transformer.add', 'model.transformer.add_1']  # position and token-type sums
+    # the oracle adds wpe.weight[position_ids]: give it a table whose rows are position + token-type embeddings
+    with torch.no_grad():
+        table = (transformer.wpe.weight[positions] + transformer.wte.weight[token_types]).flatten(0, 1)
+    proxy = SimpleNamespace(
+        config=model.config, lm_head=model.lm_head,
+        transformer=SimpleNamespace(wpe=SimpleNamespace(weight=table), h=transformer.h, ln_f=transformer.ln_f),
+    )
+    table_positions = torch.arange(table.shape[0]).reshape(positions.shape)
+    for composite_type, cp_lrp in ((AttnLRP, False), (CPLRP, True)):
+        oracle, logits = gpt2_oracle(proxy, embeds, mask, table_positions, TARGET, cp_lrp=cp_lrp)
+        output, relevance = attribute(model, composite_type(epsilon=1e-12), embeds, mask, positions,
+                                      token_type_ids=token_types)
+        assert torch.allclose(output, logits, rtol=1e-10, atol=1e-10)
+        assert relative_difference(relevance, oracle) < 1e-6
+        assert torch.isfinite(relevance).all() and (relevance[1, :2] == 0).all()
+    _, without = attribute(model, AttnLRP(epsilon=1e-12), embeds, mask, positions)
+    assert relative_difference(relevance, without) > 1e-3  # the token types matter
+    report = check(wrapper, AttnLRP(), embeds)
+    assert report.ok, str(report)
+
+
+@pytest.mark.parametrize('attn_implementation', ['eager', 'sdpa'])
+def test_gpt2_cross_attention_runs_and_conserves(attn_implementation):
+    '''GPT-2 with ``add_cross_attention`` runs through the engine: the forward is unchanged, every block attributes a
+    self- and a cross-attention core (or softmax), check() finds nothing, relevance is finite. Independent check: with
+    zero biases and position embeddings, CP-LRP conserves the target logit over the input embeddings and the encoder
+    states together (the LayerNorm, GELU and sum rules conserve, the softmax is bypassed).
+    '''
+    model = make_model('gpt2', attn_implementation=attn_implementation, add_cross_attention=True)
+    embeds, mask, positions = inputs(model, batch=1 if attn_implementation == 'eager' else 2)
+    encoder = torch.randn(len(embeds), 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    wrapper = NextToken(model, mask, positions, encoder_hidden_states=encoder)
+    x = embeds.clone().requires_grad_(True)
+    expected = wrapper(x)
+    with AttnLRP().context(wrapper), recorded_sites() as sites:
+        actual = wrapper(x)
+    assert torch.equal(actual, expected)
+    core = 'softmax' if attn_implementation == 'eager' else 'attention'
+    assert attention_sites(sites) == [
+        f'model.transformer.h.{index}.{part}.{core}' for index in range(2) for part in ('attn', 'crossattention')
+    ]
+    _, relevance = attribute(model, AttnLRP(), embeds, mask, positions, encoder_hidden_states=encoder)
+    assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
+    report = check(wrapper, AttnLRP(), embeds)
+    assert report.ok, str(report)
+
+    zero_biases(model, also=('transformer.wpe.weight',))
+    onehot = torch.nn.functional.one_hot(TARGET[:len(embeds)], VOCAB).to(embeds.dtype)
+
+    def call(model, inputs_embeds, encoder_hidden_states):
+        return model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions,
+                     encoder_hidden_states=encoder_hidden_states).logits[:, -1]
+
+    output, relevances = input_relevance(model, CPLRP(epsilon=1e-12), call, lambda y: y * onehot,
+                                         inputs_embeds=embeds, encoder_hidden_states=encoder)
+    total = relevances['inputs_embeds'].sum((1, 2)) + relevances['encoder_hidden_states'].sum((1, 2))
+    assert relevances['encoder_hidden_states'].abs().sum() > 0
+    assert torch.allclose(total, output[torch.arange(len(embeds)), TARGET[:len(embeds)]], rtol=1e-6)
+
+
+def test_gpt2_reorder_and_upcast_attn_raises_and_restores():
+    '''GPT-2's ``reorder_and_upcast_attn`` (eager only) computes the scores with ``torch.baddbmm``, which has no rule:
+    attributing raises UnsupportedOperationError naming the op and the module, and the model is restored.
+    '''
+    model = make_model('gpt2', dtype=torch.float32, attn_implementation='eager', reorder_and_upcast_attn=True)
+    before = snapshot(model)
+    embeds, mask, positions = inputs(model)
+    expected = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+    with pytest.raises(UnsupportedOperationError, match=r"'baddbmm'") as error:
+        attribute(model, AttnLRP(), embeds, mask, positions)
+    assert "'model.transformer.h.0.attn' (GPT2Attention)" in str(error.value)
+    assert_restored(model, before)
+    assert torch.equal(model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits, expected)
 
 
 @pytest.mark.parametrize('rule_type', [Epsilon, Gamma])
@@ -383,8 +577,8 @@ def test_conv1d_rules_equal_linear_rules(rule_type):
         linear.weight.copy_(conv.weight.T)
         linear.bias.copy_(conv.bias)
     assert isinstance(conv, types.LinearLike) and isinstance(linear, types.LinearLike)
-    assert not isinstance(torch.nn.Conv1d(2, 2, 1), types.LinearLike) or isinstance(torch.nn.Conv1d(2, 2, 1),
-                                                                                       torch.nn.Conv1d)
+    conv1d = torch.nn.Conv1d(2, 2, 1)
+    assert not isinstance(conv1d, types.LinearLike) or isinstance(conv1d, torch.nn.Conv1d)
     x = torch.randn(3, 4, 6, dtype=torch.float64)
     relevances = []
     for module in (conv, linear):
@@ -406,46 +600,43 @@ def test_gpt2_vision_preset_uses_gamma_on_conv1d():
         assert type(composite.mapping(None, '', block.attn.c_attn)) is Epsilon
 
 
-def test_float64_padding_stays_finite():
+def test_float64_eager_left_padding_raises_the_nan_error():
     '''transformers' eager attention turns float64 models with left padding into NaN (float64's mask minimum becomes
-    -inf in the float32 softmax); the canonical forward floors the mask at float32's minimum, which keeps it finite and
-    leaves unpadded outputs bit-identical.
+    -inf in its float32 softmax); the engine runs that forward unchanged and refuses its NaN output while attributing
+    with a clear ValueError, after which the model is restored. sdpa, or the unpadded batch, stay finite.
     '''
-    model = make_model('llama')
+    model = make_model('llama', attn_implementation='eager')
     embeds, mask, positions = inputs(model)
     original = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
-    unpadded = model(inputs_embeds=embeds[:1], attention_mask=mask[:1], position_ids=positions[:1]).logits
-    with AttnLRP().context(model):
-        canonized = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
-        canonized_unpadded = model(inputs_embeds=embeds[:1], attention_mask=mask[:1], position_ids=positions[:1]).logits
-    assert torch.isnan(original).any()  # documents the upstream behaviour this works around
-    assert torch.isfinite(canonized).all()
-    assert torch.equal(canonized_unpadded, unpadded)
-
-
-@pytest.mark.parametrize('overrides,message', [
-    (dict(reorder_and_upcast_attn=True), 'reorder_and_upcast_attn'),
-    (dict(add_cross_attention=True), 'cross-attention'),
-])
-def test_gpt2_unsupported_variants_raise_and_restore(overrides, message):
-    '''Unsupported GPT-2 variants raise a clear error at registration and leave the model untouched.'''
-    model = make_model('gpt2', dtype=torch.float32, attn_implementation='sdpa', **overrides)
+    assert torch.isnan(original).any()  # documents the upstream behaviour
     before = snapshot(model)
-    with pytest.raises(NotImplementedError, match=message):
-        AttnLRP().register(model)
+    with pytest.raises(ValueError, match='produced NaN.*attn_implementation="sdpa"'):
+        attribute(model, AttnLRP(), embeds, mask, positions)
     assert_restored(model, before)
+    with pytest.raises(ValueError, match='produced NaN'):
+        with AttnLRP().context(model):
+            model(inputs_embeds=embeds.clone().requires_grad_(True), attention_mask=mask, position_ids=positions)
+    assert_restored(model, before)
+    _, unpadded = attribute(model, AttnLRP(), embeds[:1], mask[:1], positions[:1], target=TARGET[:1])
+    assert torch.isfinite(unpadded).all()
+    sdpa = make_model('llama', seed=5)
+    sdpa.load_state_dict(model.state_dict())
+    _, relevance = attribute(sdpa, AttnLRP(), embeds, mask, positions)
+    assert torch.isfinite(relevance).all()
+    assert relative_difference(relevance[:1], unpadded) < 1e-6
 
 
 @pytest.mark.parametrize('family', FAMILY_NAMES)
 @pytest.mark.parametrize('composite_type', [AttnLRP, CPLRP])
-@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'unfolded'])
-def test_coverage_lint_finds_no_unhooked_op(family, composite_type, fused):
+@pytest.mark.parametrize('attn_implementation,fused', [('sdpa', True), ('sdpa', False), ('eager', True)],
+                         ids=['sdpa-fused', 'sdpa-unfolded', 'eager'])
+def test_coverage_lint_finds_no_unhooked_op(family, composite_type, attn_implementation, fused):
     '''zennit_attn.check reports nothing on every supported decoder family (padded batch, sliding windows), with the
-    fused attention core and with the unfolded chain.
+    fused attention core, the unfolded chain and the eager model's own attention code (float32: float64 eager with left
+    padding is NaN).
     '''
-    from zennit_attn import check
-
-    model = make_model(family)
+    dtype = torch.float32 if attn_implementation == 'eager' else torch.float64
+    model = make_model(family, dtype=dtype, attn_implementation=attn_implementation)
     embeds, mask, positions = inputs(model)
     report = check(NextToken(model, mask, positions), composite_type(fused_attention=fused), embeds)
     assert report.ok, str(report)

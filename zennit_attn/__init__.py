@@ -3,7 +3,7 @@
 Importing the package registers the composites ``attnlrp``, ``attnlrp_vit``, ``cp_lrp`` and ``cp_lrp_vit`` in
 :py:data:`zennit.composites.COMPOSITES`.
 '''
-from . import layers, rules, types, canonizers, composites  # noqa: F401
+from . import layers, rules, types, engine, families, composites  # noqa: F401
 from .composites import AttnLRP, AttnLRPViT, CPLRP, CPLRPViT  # noqa: F401
 from .attribution import TokenRelevance, token_relevance  # noqa: F401
 from .check import CoverageError, CoverageReport, check  # noqa: F401

@@ -22,6 +22,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from zennit.core import Hook
 
+from .engine import _tensors, lenient
 
 
 __all__ = ['check', 'CoverageReport', 'CoverageError', 'Finding', 'hooked_modules', 'op_name', 'PRESERVING_OPS']
@@ -80,8 +81,8 @@ _HINTS = {
     'std': 'part of a normalisation written inline? give the module LayerNormRule',
     'norm': 'part of a normalisation written inline? give the module RMSNormRule/LayerNormRule',
     'exp': 'exponential has no AttnLRP rule; if it is part of a softmax, use zennit_attn.layers.Softmax/SoftmaxRule',
-    'scaled_dot_product_attention': 'fused attention: compute it with zennit_attn.layers.AttentionCore (or unfold it '
-                                    'into AttentionScores, AttentionSoftmax and AttentionContext) in a canonizer',
+    'scaled_dot_product_attention': 'fused attention outside a registered composite\'s forward: register the '
+                                    'composite on the module whose forward calls it',
     'masked_fill': 'masking by filling drops the relevance of the filled positions: add the mask through '
                    'zennit_attn.layers.Sum (SumRule) before a softmax instead',
     'where': 'torch.where drops the relevance of the unselected positions: use an additive mask through '
@@ -293,7 +294,7 @@ class _NodeRecorder(TorchFunctionMode):
     @staticmethod
     def _adds_zero(args):
         '''Whether an addition only adds constant zeros to one input-dependent tensor: the identity, which passes
-        relevance unchanged (e.g. GPT-2's position embeddings while its canonizer adds them through a Sum op).
+        relevance unchanged (e.g. a zero bias).
         '''
         tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
         others = [arg for arg in args if not isinstance(arg, torch.Tensor)]
@@ -312,18 +313,6 @@ class _NodeRecorder(TorchFunctionMode):
         elif isinstance(result, (tuple, list)):
             for item in result:
                 self._record(item, current)
-
-
-def _tensors(value):
-    '''All tensors in a (nested) model output: tensors, tuples, lists and dicts (including ``ModelOutput``).'''
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
 
 
 def _prepare(value):
@@ -474,14 +463,18 @@ def check(model, composite, *inputs, strict=False, **kwargs):
     if not leaves:
         raise ValueError('check: no floating-point tensor input; pass e.g. inputs_embeds through a wrapper module.')
     context = nullcontext(model) if composite is None else composite.context(model)
-    with context as modified:
-        tracker = _ModuleTracker(modified)
-        try:
-            recorder = _NodeRecorder(tracker)
-            with torch.enable_grad(), recorder:
-                output = modified(*inputs, **kwargs)
-        finally:
-            tracker.remove()
+    token = lenient.set(True)
+    try:
+        with context as modified:
+            tracker = _ModuleTracker(modified)
+            try:
+                recorder = _NodeRecorder(tracker)
+                with torch.enable_grad(), recorder:
+                    output = modified(*inputs, **kwargs)
+            finally:
+                tracker.remove()
+    finally:
+        lenient.reset(token)
     roots = [tensor.grad_fn for tensor in _tensors(output) if tensor.grad_fn is not None]
     roots = list(dict.fromkeys(roots))
     graph = _Graph(roots, leaves, recorder.origin)

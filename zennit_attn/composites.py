@@ -5,10 +5,11 @@ from zennit.core import Composite
 from zennit.types import Convolution
 
 from . import layers, types
-from .canonizers import detect_canonizers
+from .engine import Engine
+from .families import declared_norm, detect_families, refusal
 from .rules import (
-    AttentionRule, CPAttentionRule, CPMatMulRule, CPProductRule, Epsilon, Gamma, IdentityRule, LayerNormRule,
-    MatMulRule, MeanRule, ProductRule, RMSNormRule, RoPERule, SoftmaxRule, StopRule, SumRule,
+    AttnHook, AttentionRule, CPAttentionRule, CPMatMulRule, CPProductRule, Epsilon, Gamma, IdentityRule, IndexAddRule,
+    LayerNormRule, MatMulRule, MeanRule, ProductRule, RMSNormRule, RoPERule, SoftmaxRule, StopRule, SumRule,
 )
 
 
@@ -16,7 +17,7 @@ __all__ = ['AttentionComposite', 'AttnLRP', 'AttnLRPViT', 'CPLRP', 'CPLRPViT', '
 
 
 class UnsupportedModelError(TypeError):
-    '''Raised when a model contains an operation that no canonizer or rule of the composite can attribute.'''
+    '''Raised when a model contains a module or operation that no rule of the composite can attribute.'''
 
 
 def attnlrp_layer_map(epsilon=1e-6):
@@ -26,6 +27,7 @@ def attnlrp_layer_map(epsilon=1e-6):
         (layers.MatMul, MatMulRule(epsilon=epsilon)),
         (types.Softmax, SoftmaxRule()),
         (layers.Sum, SumRule(epsilon=epsilon)),
+        (layers.IndexAdd, IndexAddRule(epsilon=epsilon)),
         (layers.Product, ProductRule()),
         (layers.Scale, IdentityRule()),
         ((layers.Mean, layers.MaskedMean), MeanRule(epsilon=epsilon)),
@@ -60,109 +62,201 @@ def vision_layer_map(conv_gamma=0.25, linear_gamma=0.05, stabilizer=1e-6):
 
 
 class AttentionComposite(Composite):
-    '''A composite for transformers: detects and applies the canonizers of the supported families, then maps rules by
-    (1) the user's ``layer_map``, (2) the role a canonizer gave a module (e.g. attention projections), (3) the
-    composite's default layer map. Before any hook is registered it checks that every attention and normalisation
-    module is covered, and raises :py:class:`UnsupportedModelError` naming the module otherwise.
+    '''A composite for transformers: rules on modules (Linear/Conv, norms, activations) by type, and rules on the glue
+    operations of the model's own, unmodified forward through the interception engine (:py:mod:`zennit_attn.engine`).
+
+    Rules are chosen by (1) the user's ``layer_map``, (2) the role of a module (``'attention_projection'`` for Linear
+    layers inside attention), (3) the composite's default layer map; operations of the forward (``a + b``, ``a @ b``,
+    softmax, fused attention, ...) get the rule of their carrier module type (:py:class:`~zennit_attn.layers.Sum`,
+    :py:class:`~zennit_attn.layers.AttentionCore`, ...) from the same maps. Registration refuses, with
+    :py:class:`UnsupportedModelError` naming the module, what cannot be attributed (normalisations without a rule,
+    compiled/exported graphs, attention kernels the engine cannot see); during a forward, an operation on the relevance
+    path without a rule raises :py:class:`~zennit_attn.engine.UnsupportedOperationError`.
 
     Parameters
     ----------
     layer_map: list[tuple[tuple[type, ...], Hook]]
         Default mapping from module types to rule templates.
     role_map: dict[str, Hook], optional
-        Mapping from canonizer roles to rule templates.
+        Mapping from roles to rule templates.
     user_layer_map: list[tuple[tuple[type, ...], Hook]], optional
         The user's mapping, which takes precedence over everything else.
     canonizers: list[:py:obj:`zennit.canonizers.Canonizer`], optional
-        Canonizers to apply. ``None`` (default) detects the supported model families in the model at registration.
+        Additional canonizers to apply first (e.g. Zennit's ``MergeBatchNorm``); the engine always runs.
     fused_attention: bool, optional
-        With detected canonizers: run each attention core as one :py:class:`~zennit_attn.layers.AttentionCore`, whose
-        rule recomputes scores and probabilities in the backward pass (default, least memory), or unfolded
-        (``False``), which makes the relevance of the scores and probabilities observable. Same relevance either way.
+        Attribute each fused attention call (``F.scaled_dot_product_attention``) with one
+        :py:class:`~zennit_attn.rules.AttentionRule` node, which recomputes scores and probabilities in the backward
+        pass (default, least memory), or unfolded (``False``) into its matmul, mask sum, softmax and matmul, which makes
+        the relevance of the scores and probabilities observable. Same relevance either way.
     '''
     def __init__(self, layer_map, role_map=None, user_layer_map=None, canonizers=None, fused_attention=True):
         self.layer_map = list(layer_map)
         self.role_map = dict(role_map or {})
         self.user_layer_map = list(user_layer_map or [])
-        self.detect = canonizers is None
         self.fused_attention = fused_attention
         self.roles = {}
-        super().__init__(module_map=self.mapping, canonizers=canonizers)
+        self.families = []
+        self.engine = None
+        self._op_rules = {}
+        super().__init__(module_map=self.mapping, canonizers=list(canonizers or []))
 
-    def mapping(self, ctx, name, module):
-        '''Return the rule template for ``module``: user layer map, then role, then default layer map.'''
+    def template(self, module, role=None):
+        '''The rule template for ``module``: user layer map, then role, then declared norms, then default layer map.'''
         user = next((hook for module_types, hook in self.user_layer_map if isinstance(module, module_types)), None)
         if user is not None:
             return user
-        role = self.roles.get(module)
         if role in self.role_map:
             return self.role_map[role]
+        norm = declared_norm(self.families, module)
+        if norm is not None:
+            return LayerNormRule() if norm == 'layer' else RMSNormRule()
+        if _merged_batch_norm(module):
+            # a batch norm merged into its linear layer by Zennit's MergeBatchNorm canonizers computes the identity
+            return IdentityRule()
         return next((hook for module_types, hook in self.layer_map if isinstance(module, module_types)), None)
 
-    def register(self, module):
-        '''Apply the (detected) canonizers, check coverage and register the rules; on any error, restore the model.'''
-        self.remove()
-        try:
-            canonizers = detect_canonizers(module, fused=self.fused_attention) if self.detect else self.canonizers
-            for canonizer in canonizers:
-                self.handles += canonizer.apply(module)
-            self.roles = {}
-            handled = set()
-            for handle in self.handles:
-                self.roles.update(getattr(handle, 'roles', {}))
-                handled.update(id(handled_module) for handled_module in getattr(handle, 'handled', ()))
+    def mapping(self, ctx, name, module):
+        '''Return the rule template for ``module`` (Zennit's ``module_map`` signature).'''
+        return self.template(module, self.roles.get(module))
 
-            ctx = {}
-            templates = [(name, child, self.module_map(ctx, name, child)) for name, child in module.named_modules()]
-            self._check_supported(module, templates, handled)
+    def rule_for(self, carrier, role=None):
+        '''The rule instance of an intercepted operation, by the type of its carrier module (one per type and role).'''
+        key = (type(carrier), role)
+        rule = self._op_rules.get(key)
+        if rule is None:
+            template = self.template(carrier, role)
+            if template is None:
+                return None
+            if not isinstance(template, AttnHook):
+                raise UnsupportedModelError(
+                    f'{type(template).__name__} (from the layer map) cannot attribute an intercepted '
+                    f'{type(carrier).__name__.strip("_")} call (e.g. the projections inside nn.MultiheadAttention, '
+                    'which are functional): use a zennit_attn.rules rule (Epsilon, Gamma, ...) for this type.'
+                )
+            rule = self._op_rules[key] = template.copy()
+            self.hook_refs.add(rule)
+        return rule
+
+    def register(self, module):
+        '''Check the model, apply extra canonizers, register the module rules and the engine; on any error, restore
+        the model.'''
+        if self.handles or self.engine is not None:
+            raise RuntimeError(
+                f'{type(self).__name__}: this composite is already registered on a model (nested or on two models at '
+                'once); use a second composite instance for the second model.'
+            )
+        _check_model(module)
+        try:
+            for canonizer in self.canonizers:
+                self.handles += canonizer.apply(module)
+            self.families = detect_families(module)
+            self.roles = _projection_roles(module, self.families)
+            templates = [(name, child, self.module_map({}, name, child)) for name, child in module.named_modules()]
+            _check_supported(module, templates, self.families)
+            engine = self.engine = Engine(
+                rule_for=self.rule_for, fused=self.fused_attention,
+                ruled=lambda child, ruled={id(child) for _, child, template in templates if template is not None}:
+                id(child) in ruled,
+            )
+            # first in the list, so that a failure below also removes the guards registered so far
+            self.handles.append(engine)
             for _, child, template in templates:
                 if template is not None:
+                    engine.guard(child)
                     hook = template.copy()
                     self.hook_refs.add(hook)
                     self.handles.append(hook.register(child))
+            engine.register(module)
         except BaseException:
             self.remove()
             raise
 
     def remove(self):
-        '''Remove all hooks and revert all canonizers, in the reverse order of their application.'''
+        '''Remove the engine, all hooks and the extra canonizers, in the reverse order of their application.'''
         self.handles.reverse()
         super().remove()
         self.roles = {}
+        self.families = []
+        self.engine = None
+        self._op_rules = {}
 
-    @staticmethod
-    def _check_supported(root, templates, handled):
-        '''Raise :py:class:`UnsupportedModelError` for attention, fused transformer layers and normalisations that
-        neither a canonizer unfolded nor a rule covers.
-        '''
-        for name, child, template in templates:
-            kind = type(child).__name__
-            where = f'module {name!r} ({kind})' if name else f'the model ({kind})'
-            dropout = child.p if isinstance(child, torch.nn.modules.dropout._DropoutNd) else (
-                getattr(child, 'dropout', 0.) if isinstance(child, torch.nn.MultiheadAttention) else
-                getattr(child, 'attention_dropout', 0.)
+
+def _merged_batch_norm(module):
+    '''Whether ``module`` is a batch norm in eval mode that computes the identity (as Zennit's ``MergeBatchNorm``
+    leaves it: weight 1, bias 0, mean 0, variance 1, eps 0).'''
+    if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm) or module.training or module.eps != 0:
+        return False
+    stats = (module.running_mean, module.running_var, module.weight, module.bias)
+    if any(value is None for value in stats):
+        return False
+    mean, var, weight, bias = stats
+    return bool((mean == 0).all() and (var == 1).all() and (weight == 1).all() and (bias == 0).all())
+
+
+def _projection_roles(root, families):
+    '''``{module: 'attention_projection'}`` for every Linear-like layer inside an attention module (or a module that a
+    family declares as containing projections).'''
+    declared = {name for family in families for name in family.projections}
+    roles = {}
+    for module in root.modules():
+        if isinstance(module, types.Attention) or type(module).__name__ in declared:
+            for child in module.modules():
+                if isinstance(child, types.LinearLike):
+                    roles[child] = 'attention_projection'
+    return roles
+
+
+def _check_model(module):
+    '''Refuse models whose forward the engine cannot see.'''
+    kind = type(module).__name__
+    if isinstance(module, torch.jit.ScriptModule) or isinstance(module, torch.fx.GraphModule):
+        raise UnsupportedModelError(
+            f'the model ({kind}) is a compiled or exported graph (torch.jit / torch.export / fx): its operations '
+            'cannot be intercepted, so no rule would apply. Explain the original nn.Module instead.'
+        )
+    for name, child in module.named_modules():
+        if name and isinstance(child, (torch.jit.ScriptModule, torch.fx.GraphModule)):
+            raise UnsupportedModelError(
+                f'module {name!r} ({type(child).__name__}) is a compiled or exported graph whose operations cannot be '
+                'intercepted; use the original nn.Module.'
             )
-            if child.training and isinstance(dropout, float) and dropout > 0:
-                raise UnsupportedModelError(
-                    f'{where}: dropout p={dropout} is active because the model is in training mode, which makes '
-                    'every heatmap random; call model.eval() first.'
-                )
-            if isinstance(child, types.FusedTransformer):
-                raise UnsupportedModelError(
-                    f'{where}: torch.nn.Transformer*Layer computes its residual sums and attention inline (and may use '
-                    'a fused fast path), so relevance cannot be attributed; no canonizer supports it yet.'
-                )
-            if isinstance(child, types.Attention) and id(child) not in handled and template is None:
-                raise UnsupportedModelError(
-                    f'{where}: attention that no zennit-attn canonizer unfolds; its softmax, products and sums would '
-                    'get plain gradients and a wrong heatmap. Supported families: see '
-                    'zennit_attn.canonizers.FAMILIES; pass canonizers=[...] for your own.'
-                )
-            if isinstance(child, types.Normalization) and template is None:
-                raise UnsupportedModelError(
-                    f'{where}: normalisation without an AttnLRP rule; add it to layer_map (e.g. with '
-                    'zennit_attn.rules.LayerNormRule or RMSNormRule) or merge it into a linear layer first.'
-                )
+        config = getattr(child, 'config', None)
+        implementation = getattr(config, '_attn_implementation', None) if config is not None else None
+        if isinstance(implementation, str) and implementation not in ('eager', 'sdpa'):
+            raise UnsupportedModelError(
+                f'module {name or "<model>"!r} ({type(child).__name__}) uses attn_implementation={implementation!r}, '
+                'whose kernels run outside PyTorch\'s function dispatch, so their relevance cannot be attributed; load '
+                'the model with attn_implementation="sdpa" or "eager".'
+            )
+
+
+def _check_supported(root, templates, families):
+    '''Raise :py:class:`UnsupportedModelError` for training-mode dropout, refused modules and normalisations without a
+    rule (their inline arithmetic has no rule).'''
+    for name, child, template in templates:
+        kind = type(child).__name__
+        where = f'module {name!r} ({kind})' if name else f'the model ({kind})'
+        dropout = child.p if isinstance(child, torch.nn.modules.dropout._DropoutNd) else (
+            getattr(child, 'dropout', 0.) if isinstance(child, torch.nn.MultiheadAttention) else
+            getattr(child, 'attention_dropout', 0.)
+        )
+        if child.training and isinstance(dropout, float) and dropout > 0:
+            raise UnsupportedModelError(
+                f'{where}: dropout p={dropout} is active because the model is in training mode, which makes '
+                'every heatmap random; call model.eval() first.'
+            )
+        reason = refusal(families, child)
+        if reason is not None:
+            raise UnsupportedModelError(f'{where}: {reason}')
+        if isinstance(child, types.Normalization) and template is None:
+            raise UnsupportedModelError(
+                f'{where}: normalisation without an AttnLRP rule; add it to layer_map (e.g. with '
+                'zennit_attn.rules.LayerNormRule or RMSNormRule), declare it in a zennit_attn.families.Family, or '
+                'merge it into a linear layer first.'
+            )
+    for family in families:
+        if family.check is not None:
+            family.check(root)
 
 
 @register_composite('attnlrp')
@@ -178,7 +272,7 @@ class AttnLRP(AttentionComposite):
     layer_map: list[tuple[tuple[type, ...], Hook]], optional
         The user's mapping, which takes precedence.
     canonizers: list[Canonizer], optional
-        Canonizers to apply; ``None`` detects them.
+        Additional canonizers to apply first.
     fused_attention: bool, optional
         Fused attention cores (default) or the unfolded chain, see :py:class:`AttentionComposite`.
     '''
@@ -218,7 +312,7 @@ class AttnLRPViT(AttentionComposite):
     layer_map: list[tuple[tuple[type, ...], Hook]], optional
         The user's mapping, which takes precedence.
     canonizers: list[Canonizer], optional
-        Canonizers to apply; ``None`` detects them.
+        Additional canonizers to apply first.
     conv_gamma, linear_gamma: float, optional
         γ of the convolutions and of the Linear layers outside attention.
     fused_attention: bool, optional

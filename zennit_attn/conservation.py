@@ -2,8 +2,9 @@
 
 LRP rules are not all conservative by design (ATTNLRP.md §1-2): biases, constant operands of sums (position
 embeddings, masks), the LayerNorm bias and the softmax (Prop. 3.1) absorb relevance, and the ε-stabilizers absorb a
-little. :py:func:`conservation_report` runs one attribution and records, for every module with an AttnLRP rule, how much
-relevance arrives at its output and how much it passes to its inputs. Because every unhooked operation between rules
+little. :py:func:`conservation_report` runs one attribution and records, for every module with an AttnLRP rule and every
+operation the engine attributes (named by its site, ``'<module>.<op>'``), how much relevance arrives at its output and
+how much it passes to its inputs. Because every unhooked operation between rules
 only re-arranges relevance (see :py:mod:`zennit_attn.check`), the books balance::
 
     seed = sum(absorbed by rules) + relevance at the input + relevance at parameters (via unhooked ops)
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .check import _table, hooked_modules
+from .engine import op_listeners
 from .rules import AttnHook, Gamma
 
 
@@ -179,6 +181,20 @@ class _Recorder:
             return relevances
         return backward_relevance
 
+    def operation(self, site, output):
+        '''Record the balance of an operation attributed by the engine (an ``op_listeners`` callback).'''
+        node = output.grad_fn
+        if node is None:
+            return
+        rule = _rule_name(getattr(node, 'hook', None))
+
+        def hook(relevances, relevance_out):
+            row = self.rows.setdefault(site, ModuleRelevance(site, rule))
+            row.calls += 1
+            row.relevance_in += sum(_total(relevance) for relevance in relevance_out)
+            row.relevance_out += sum(_total(relevance) for relevance in relevances)
+        node.register_hook(hook)
+
     def remove(self):
         '''Restore the rules' own ``backward_relevance``.'''
         for hook in self.hooks:
@@ -210,6 +226,7 @@ def conservation_report(model, composite, input, target_fn):
     input = input.detach().requires_grad_(True)
     with composite.context(model) as modified:
         recorder = _Recorder(modified)
+        token = op_listeners.set(op_listeners.get() + (recorder.operation,))
         try:
             with torch.enable_grad():
                 output = modified(input)
@@ -222,6 +239,7 @@ def conservation_report(model, composite, input, target_fn):
                 parameters = [param for param in modified.parameters() if param.requires_grad]
                 grads = torch.autograd.grad(output, [input] + parameters, seed, allow_unused=True)
         finally:
+            op_listeners.reset(token)
             recorder.remove()
     relevance = grads[0] if grads[0] is not None else torch.zeros_like(input)
     return ConservationReport(

@@ -3,8 +3,10 @@
 Under a composite, the gradient that arrives at a module's output *is* the relevance of that output: for a hooked module
 it is exactly what its rule receives, and for any other module it is the relevance its output tensor carries (summed
 over all consumers, e.g. the residual stream feeding both the next block and its norm). :py:func:`record_relevance`
-records it for every module whose qualified name matches one of the given :py:mod:`fnmatch` patterns, which may name
-the op modules that canonizers insert (``'encoder.layers.encoder_layer_0.self_attention.attnlrp_context'``).
+records it for every module whose qualified name matches one of the given :py:mod:`fnmatch` patterns, and for every
+operation that the interception engine attributes inside a matching *operation site*: ``'<module>.<op>'``, numbered
+within the module's forward (``'encoder.layers.encoder_layer_0.self_attention.attention'`` is the fused attention of
+that layer; with ``fused_attention=False`` its parts are ``matmul``, ``mul``, ``add``, ``softmax``, ``matmul_1``).
 
 Example
 -------
@@ -20,6 +22,8 @@ from contextlib import contextmanager
 from fnmatch import fnmatchcase
 
 import torch
+
+from .engine import op_listeners
 
 
 __all__ = ['record_relevance', 'Recorder', 'per_neuron', 'per_head', 'per_token', 'top_k', 'TopK']
@@ -106,7 +110,7 @@ class _Session:
     '''The hooks of one :py:func:`record_relevance` context.
 
     A forward pre-hook on the model resolves the patterns at every forward and (re-)registers the per-module forward
-    hooks then, so that modules inserted by canonizers are found and the hooks run after the composite's hooks (whose
+    hooks then, so that the hooks run after the composite's hooks (whose
     rules replace the output; the relevance is recorded on the replaced output).
     '''
     def __init__(self, model, recorder):
@@ -114,6 +118,15 @@ class _Session:
         self.recorder = recorder
         self.module_handles = []
         self.root_handle = model.register_forward_pre_hook(self._start)
+        self.token = op_listeners.set(op_listeners.get() + (self._operation,))
+
+    def _operation(self, site, output):
+        '''Record the relevance of an operation attributed by the engine, if its site matches a pattern.'''
+        if any(fnmatchcase(site, pattern) for pattern in self.recorder.patterns):
+            if site not in self.recorder.matched:
+                self.recorder.matched.append(site)
+            if output.requires_grad:
+                output.register_hook(lambda grad: self.recorder._add(site, grad))
 
     def _start(self, module, args):
         self.recorder.reset()
@@ -143,6 +156,7 @@ class _Session:
         '''Remove every hook.'''
         self._remove_module_hooks()
         self.root_handle.remove()
+        op_listeners.reset(self.token)
 
 
 @contextmanager
@@ -197,9 +211,9 @@ def per_head(context_relevance, num_heads=None, keep_batch=False):
     Parameters
     ----------
     context_relevance: :py:obj:`torch.Tensor`
-        Relevance of the attention output per head, either ``(batch, heads, tokens, head_dim)`` (the output of the
-        ``attnlrp_context`` op module) or ``(batch, tokens, heads * head_dim)`` (heads merged, before the output
-        projection), which needs ``num_heads``.
+        Relevance of the attention output per head, either ``(batch, heads, tokens, head_dim)`` (the ``attention``
+        operation site of a layer, e.g. ``'encoder.layers.encoder_layer_0.self_attention.attention'``) or
+        ``(batch, tokens, heads * head_dim)`` (heads merged, before the output projection), which needs ``num_heads``.
     num_heads: int, optional
         Number of heads for the merged layout.
     keep_batch: bool, optional

@@ -1,12 +1,14 @@
-'''Hookable modules for the functional operations of transformers.
+'''Op modules: the carriers of the operations that a model's forward writes inline, and hookable modules for models
+written by hand.
 
-Zennit attaches rules to modules. Operations that transformers write inline (``a + b``, ``a @ b``, softmax, rotary
-embeddings, ...) therefore have to be unfolded into modules before a rule can see them. Canonizers insert one instance
-of these modules per call site: a module called twice in one forward keeps only the inputs of its last call.
+Zennit attaches rules to modules. The interception engine (:py:mod:`zennit_attn.engine`) describes every operation it
+attributes by one of these modules (``a + b`` by :py:class:`Sum`, fused attention by :py:class:`AttentionCore`, ...), so
+that a composite's layer map chooses the rule of an inline operation exactly as it does for a module. They can also be
+used directly as modules; then one instance per call site (a module called twice in one forward keeps only the inputs
+of its last call).
 
-Every forward computes exactly the plain torch expression given in its docstring, so that a canonized model reproduces
-the original model's output; :py:class:`AttentionCore` uses PyTorch's fused attention where it can (equal up to
-rounding).
+Every forward computes exactly the plain torch expression given in its docstring; :py:class:`AttentionCore` uses
+PyTorch's fused attention where it can (equal up to rounding).
 '''
 import torch
 import torch.nn.functional as F
@@ -223,6 +225,33 @@ class AttentionCore(torch.nn.Module):
 
     def extra_repr(self):
         return f'scale={self.scale}, scale_output={self.scale_output}, softmax_dtype={self.softmax_dtype}'
+
+
+class IndexAdd(torch.nn.Module):
+    '''Scatter-sum ``target.index_add(dim, index, source, alpha=alpha)``: rows of ``source`` added into ``target`` at
+    ``index`` (several rows may go to one place; mixture-of-experts layers combine expert outputs this way).
+
+    Parameters
+    ----------
+    dim: int
+        The dimension along which ``index`` selects.
+    index: :py:obj:`torch.Tensor`
+        The destination of each row of ``source``.
+    alpha: float, optional
+        Factor of ``source``.
+    '''
+    def __init__(self, dim, index, alpha=1):
+        super().__init__()
+        self.dim = dim
+        self.index = index
+        self.alpha = alpha
+
+    def forward(self, target, source):
+        '''Compute ``target.index_add(dim, index, source, alpha=alpha)``.'''
+        return target.index_add(self.dim, self.index, source, alpha=self.alpha)
+
+    def extra_repr(self):
+        return f'dim={self.dim}, alpha={self.alpha}'
 
 
 class GatedProduct(Product):

@@ -42,11 +42,11 @@ any composite name
     A :py:class:`zennit.core.Composite` instance may be passed as ``method`` as well.
 
 The rollout methods support torchvision's :py:class:`~torchvision.models.VisionTransformer` only (they raise
-:py:class:`NotImplementedError` otherwise). They apply
-:py:class:`~zennit_attn.canonizers.VisionTransformerCanonizer` without any composite (the forward is unchanged) and
-record the attention probabilities at its ``attnlrp_softmax`` modules with forward hooks; the canonizer is removed
-afterwards. The patch map is upsampled (nearest) to the input resolution and broadcast over the channels divided by the
-number of channels, so that the channel sum of a pixel equals its patch's value.
+:py:class:`NotImplementedError` otherwise). They run the model under
+:py:class:`zennit_attn.engine.ProbabilityRecorder` (no composite; the forward is unchanged), which computes the
+attention probabilities of every ``nn.MultiheadAttention`` call with plain operations. The patch map is upsampled
+(nearest) to the input resolution and broadcast over the channels divided by the number of channels, so that the
+channel sum of a pixel equals its patch's value.
 '''
 import torch
 import zennit.composites
@@ -54,7 +54,7 @@ from zennit.attribution import Gradient, IntegratedGradients, SmoothGrad
 from zennit.core import Composite
 
 from . import composites as _composites  # noqa: F401 (registers the composites)
-from . import layers
+from .engine import ProbabilityRecorder
 from .attribution import logits_of, per_sample
 
 
@@ -182,38 +182,23 @@ def _vision_transformer(model):
 
 
 class RecordAttention:
-    '''Context manager: canonize a torchvision ViT without any composite and record the attention probabilities
-    ``(batch, heads, tokens, tokens)`` of every layer (in forward order) in :py:attr:`attentions`.
+    '''Context manager: record the attention probabilities ``(batch, heads, tokens, tokens)`` of every layer of a
+    torchvision ViT (in forward order) in :py:attr:`attentions`, without any composite.
     '''
     def __init__(self, model):
         self.vit = _vision_transformer(model)
-        self.attentions = []
-        self.instances = []
-        self.handles = []
+        self.recorder = ProbabilityRecorder(model)
+
+    @property
+    def attentions(self):
+        return self.recorder.attentions
 
     def __enter__(self):
-        from .canonizers import VisionTransformerCanonizer
-        try:
-            # unfolded, so that the softmax modules produce the probabilities
-            self.instances = VisionTransformerCanonizer(fused=False).apply(self.vit)
-            for module in self.vit.modules():
-                if isinstance(module, layers.AttentionSoftmax):
-                    self.handles.append(module.register_forward_hook(self._record))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
+        self.recorder.__enter__()
         return self
 
-    def _record(self, module, args, output):
-        self.attentions.append(output)
-
     def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        for instance in reversed(self.instances):
-            instance.remove()
-        self.handles, self.instances = [], []
-        return False
+        return self.recorder.__exit__(*exc)
 
 
 def _patch_map(vit, tokens_map, inputs):

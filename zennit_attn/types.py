@@ -64,13 +64,7 @@ class Normalization(metaclass=NameMatch):
 
 
 class Attention(metaclass=NameMatch):
-    '''Every module that looks like attention; those no canonizer unfolded are reported as unsupported.'''
+    '''Every module that looks like attention; Linear layers inside it are attention projections (the γ presets keep ε
+    on them).'''
     __subclass__ = (torch.nn.MultiheadAttention,)
     __name_suffix__ = ('Attention', 'SelfAttention', 'Attention2', 'SdpaAttention', 'FlashAttention2')
-
-
-class FusedTransformer(metaclass=SubclassMeta):
-    '''torch's fused transformer layers: their residual sums and fast paths are not hookable.'''
-    __subclass__ = (
-        torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer, torch.nn.Transformer,
-    )

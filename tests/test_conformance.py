@@ -1,0 +1,110 @@
+'''The conformance suite: every entry of tests/conformance.py gets the same tests (see its docstring).'''
+import pytest
+import torch
+from zennit.attribution import Gradient
+
+import zennit_attn
+from zennit_attn.composites import AttnLRP, AttnLRPViT, CPLRP, CPLRPViT
+
+from conformance import ENTRIES, bias_free
+from restoration import assert_restored, relative_difference, snapshot
+
+pytestmark = pytest.mark.usefixtures('single_thread')
+
+
+pytest.importorskip('transformers')
+
+ENTRY_IDS = [entry.name for entry in ENTRIES]
+COMPOSITES = [AttnLRP, CPLRP, AttnLRPViT, CPLRPViT]
+
+
+def attribute(wrapper, composite, x, target):
+    '''Zennit's Gradient attributor seeded with ``logit * onehot(target)``.'''
+    with Gradient(wrapper, composite) as attributor:
+        output, relevance = attributor(x, lambda y: y * torch.nn.functional.one_hot(target, y.shape[-1]).to(y.dtype))
+    return output, relevance
+
+
+@pytest.fixture(params=ENTRIES, ids=ENTRY_IDS)
+def entry(request):
+    return request.param
+
+
+@pytest.mark.parametrize('composite_type', COMPOSITES)
+def test_forward_unchanged_while_registered(entry, composite_type):
+    model = entry.build()
+    wrapper, x, _ = entry.wrap(model)
+    with torch.no_grad():
+        plain = wrapper(x)
+    # some models take other kernels when gradients are needed (T5: 1e-15): compare like with like
+    plain_grad = wrapper(x.detach().requires_grad_(True)).detach()
+    with composite_type().context(wrapper):
+        with torch.no_grad():
+            no_grad = wrapper(x)
+        registered = wrapper(x.detach().requires_grad_(True))
+    # bit-identical where the engine runs the model's own ops (everything but nn.MultiheadAttention, whose fast path
+    # torch skips under a function mode, and whose decomposition rounds differently)
+    tolerance = 1e-6 if any(isinstance(module, torch.nn.MultiheadAttention) for module in model.modules()) else 0.
+    assert relative_difference(no_grad, plain) <= tolerance
+    assert relative_difference(registered.detach(), plain_grad) <= tolerance
+
+
+def test_model_bit_identical_after_removal_and_after_an_exception(entry):
+    model = entry.build()
+    wrapper, x, target = entry.wrap(model)
+    before = snapshot(wrapper)
+    attribute(wrapper, AttnLRP(), x, target)
+    assert_restored(wrapper, before)
+    # an exception deep inside the forward, while registered
+    leaves = [module for module in wrapper.modules() if next(module.parameters(recurse=False), None) is not None]
+    deepest = leaves[-2]
+    handle = deepest.register_forward_pre_hook(lambda module, args: 1 / 0)
+    before = snapshot(wrapper)
+    with pytest.raises(ZeroDivisionError):
+        attribute(wrapper, CPLRP(), x, target)
+    assert_restored(wrapper, before)
+    handle.remove()
+    assert not torch.overrides._get_current_function_mode_stack()
+
+
+@pytest.mark.parametrize('composite_type', [AttnLRP, CPLRPViT])
+def test_lint_clean(entry, composite_type):
+    model = entry.build()
+    wrapper, x, _ = entry.wrap(model)
+    report = zennit_attn.check(wrapper, composite_type(), x)
+    assert report.ok, str(report)
+    assert report.rule_nodes > 10
+
+
+@pytest.mark.parametrize('composite_type,cp_lrp', [(AttnLRP, False), (CPLRP, True)], ids=['attnlrp', 'cp_lrp'])
+@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'unfolded'])
+def test_independent_oracle(entry, composite_type, cp_lrp, fused):
+    '''Relevance equals the hand-written modified gradient × input (ATTNLRP.md §3) to 1e-6 relative (float64).'''
+    if entry.oracle is None:
+        pytest.skip(f'{entry.name}: checked by exact conservation (test_cp_lrp_conserves_on_bias_free_model)')
+    model = entry.build()
+    wrapper, x, target = entry.wrap(model)
+    expected = entry.oracle(model, x, target, cp_lrp)
+    _, relevance = attribute(wrapper, composite_type(epsilon=1e-12, fused_attention=fused), x, target)
+    assert relative_difference(relevance, expected) < 1e-6
+
+
+def test_cp_lrp_conserves_on_bias_free_model(entry):
+    '''CP-LRP with every bias, additive embedding and class token zeroed: input relevance = logit (ATTNLRP.md §2).'''
+    if not entry.conserves:
+        pytest.skip(f'{entry.name}: its rules do not conserve')
+    model = bias_free(entry.build())
+    wrapper, x, target = entry.wrap(model)
+    output, relevance = attribute(wrapper, CPLRP(epsilon=1e-12), x, target)
+    logits = output[torch.arange(len(target)), target]
+    totals = relevance.flatten(1).sum(1)
+    assert torch.allclose(totals, logits, rtol=1e-8, atol=1e-12), (totals, logits)
+
+
+def test_fused_and_unfolded_attention_agree(entry):
+    model = entry.build()
+    wrapper, x, target = entry.wrap(model)
+    results = [
+        attribute(wrapper, AttnLRP(epsilon=1e-12, fused_attention=fused), x, target)[1] for fused in (True, False)
+    ]
+    assert relative_difference(results[0], results[1]) < 1e-7

@@ -1,0 +1,228 @@
+'''Rules for element-wise operations, sums, reductions and normalisations.'''
+import torch
+
+from ..layers import rotate_half
+from .machinery import AttnHook, _unbroadcast
+from .attention import MatMulRule
+
+
+class IdentityRule(AttnHook):
+    '''Identity rule (AttnLRP Eq. 9): the relevance passes unchanged, ``R_in = R_out``. For element-wise activations
+    and constant scalings.
+    '''
+    num_inputs = 1
+    uses_epsilon = False
+    saves_inputs = saves_output = False
+
+    def __init__(self):
+        super().__init__(epsilon=1e-6)
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        (x,) = inputs
+        if relevance.shape != x.shape:
+            raise ValueError(
+                f'{type(self).__name__} on {type(module).__name__}: output shape {tuple(relevance.shape)} differs from '
+                f'input shape {tuple(x.shape)}; the identity rule needs an element-wise module.'
+            )
+        return (relevance,)
+
+
+class RMSNormRule(IdentityRule):
+    '''RMSNorm rule (AttnLRP Prop. 3.4): identity, ``R_x = R_y``, for ``y = w * x / rms(x)`` with any weight
+    parametrisation (Gemma's ``1 + w``, q/k-norms).
+    '''
+
+
+class ProductRule(AttnHook):
+    '''Uniform rule for element-wise products (AttnLRP Prop. 3.2): ``R_a = R_b = R / 2`` (summed over broadcast
+    dimensions). If one factor is constant, the other receives all of ``R``.
+    '''
+    num_inputs = 2
+    uses_epsilon = False
+    saves_inputs = saves_output = False
+
+    def __init__(self):
+        super().__init__(epsilon=1e-6)
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        shares = MatMulRule._shares(variable)
+        return tuple(
+            _unbroadcast(share * relevance, tensor.shape) if share else None for share, tensor in zip(shares, inputs)
+        )
+
+
+class CPProductRule(ProductRule):
+    '''CP-LRP product rule: the factor ``constant`` (default 0, the gate of a gated MLP) is treated as constant and
+    the other factor receives all relevance.
+
+    Parameters
+    ----------
+    constant: int, optional
+        Index of the factor treated as constant.
+    '''
+    def __init__(self, constant=0):
+        super().__init__()
+        if constant not in (0, 1):
+            raise ValueError(f'CPProductRule: constant must be 0 or 1, got {constant!r}')
+        self.constant = constant
+
+    def _copy_kwargs(self):
+        return {'constant': self.constant}
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        variable = tuple(var and index != self.constant for index, var in enumerate(variable))
+        return super().relevance(module, inputs, output, relevance, variable)
+
+
+class SumRule(AttnHook):
+    '''ε-sum rule for ``y = a + b``: ``R_a = a * R / stab(y)``, ``R_b = b * R / stab(y)`` (summed over broadcast
+    dimensions). A constant operand (a parameter such as a position embedding, or a mask) keeps its share, which is
+    absorbed like a bias.
+    '''
+    num_inputs = 2
+
+    def selection(self, inputs, output, variable):
+        # by default keep the operands and recompute the sum; with one input-dependent operand of the output's shape
+        # and a constant (e.g. scores + mask), keep the sum and the constant instead: the sum is what the next op
+        # (softmax) keeps anyway, so the operand (the scores) need not stay alive
+        if sum(variable) == 1 and inputs[variable.index(True)].shape == output.shape:
+            return True, tuple(not var for var in variable)
+        return False, (True, True)
+
+    @staticmethod
+    def _difference(output, kept):
+        '''The operand not kept, ``output - kept``; 0 where ``kept`` is infinite (a ``-inf`` mask), where the sum is
+        infinite too and its relevance ratio is 0 whatever the operand (``-inf - -inf`` would give NaN).
+        '''
+        return (output - kept).masked_fill(torch.isinf(kept), 0.)
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        a, b = inputs
+        if output.is_meta:
+            output = a + b
+        elif a.is_meta:
+            a = self._difference(output, b)
+        elif b.is_meta:
+            b = self._difference(output, a)
+        inputs = (a, b)
+        ratio = relevance / self.stabilizer(output)
+        return tuple(
+            tensor * _unbroadcast(ratio, tensor.shape) if var else None for tensor, var in zip(inputs, variable)
+        )
+
+
+class MeanRule(AttnHook):
+    '''ε-rule for mean pooling ``y = mean_i x_i``: ``R_i = x_i * R / stab(sum_k x_k)``. For a masked mean
+    (:py:class:`zennit_attn.layers.MaskedMean`, called with ``(x, mask)``) the masked terms ``x_i * m_i`` take the place
+    of ``x_i`` and the mask gets no relevance. The module needs the attributes ``dim`` (and ``keepdim`` for
+    :py:class:`zennit_attn.layers.Mean`).
+    '''
+    saves_output = False
+
+    def _check_call(self, module, args, kwargs):
+        super()._check_call(module, args, kwargs)
+        if not hasattr(module, 'dim'):
+            raise TypeError(f'MeanRule on {type(module).__name__}: the module needs attributes `dim` and `keepdim`.')
+        if len(args) not in (1, 2):
+            raise ValueError(
+                f'MeanRule on {type(module).__name__}: expected (x) or (x, mask) positional tensors, got {len(args)}.'
+            )
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        terms = inputs[0] if len(inputs) == 1 else inputs[0] * inputs[1]
+        total = terms.sum(module.dim, keepdim=True)
+        if not getattr(module, 'keepdim', False):
+            relevance = relevance.reshape(total.shape)
+        rel_x = _unbroadcast(terms * (relevance / self.stabilizer(total)), inputs[0].shape)
+        return (rel_x,) if len(inputs) == 1 else (rel_x, None)
+
+
+class LayerNormRule(AttnHook):
+    '''LayerNorm rule (AttnLRP Prop. 3.4): the standard deviation is held constant and the remaining linear map gets
+    the ε-rule. With ``u = gamma * R / stab(y) / sigma``, ``R_x = x * (u - mean(u))``; the bias ``beta`` absorbs its
+    share. Works for modules with ``normalized_shape``, ``weight`` (may be None) and ``eps`` (or
+    ``variance_epsilon``), such as :py:class:`torch.nn.LayerNorm`.
+    '''
+    num_inputs = 1
+    # the output is recomputed from the input in the backward pass
+    saves_output = False
+
+    def _check_call(self, module, args, kwargs):
+        super()._check_call(module, args, kwargs)
+        has_eps = hasattr(module, 'eps') or hasattr(module, 'variance_epsilon')
+        if not hasattr(module, 'normalized_shape') or not has_eps:
+            raise TypeError(
+                f'LayerNormRule on {type(module).__name__}: the module needs `normalized_shape` and `eps` like '
+                'torch.nn.LayerNorm; use RMSNormRule for RMS normalisations.'
+            )
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        (x,) = inputs
+        normalized_shape = module.normalized_shape
+        if isinstance(normalized_shape, int):
+            normalized_shape = (normalized_shape,)
+        dims = tuple(range(-len(normalized_shape), 0))
+        eps = getattr(module, 'eps', getattr(module, 'variance_epsilon', None))
+        weight, bias = getattr(module, 'weight', None), getattr(module, 'bias', None)
+        weight = None if weight is None else weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+        # one pass gives the output and 1 / sigma
+        output, _, inverse_sigma = torch.native_layer_norm(x, tuple(normalized_shape), weight, bias, eps)
+        u = relevance / self.stabilizer(output) * inverse_sigma.reshape(output.shape[:-len(dims)] + (1,) * len(dims))
+        if weight is not None:
+            u = u * weight
+        return (x * (u - u.mean(dims, keepdim=True)),)
+
+
+class RoPERule(AttnHook):
+    '''ε-rule for rotary position embeddings ``y = x * cos + rotate_half(x) * sin`` (a linear map of ``x``, ``cos``
+    and ``sin`` constant): ``R_x = x * J^T (R / stab(y))`` with ``J^T r = r * cos - rotate_half(r * sin)``. Channels
+    beyond ``cos.shape[-1]`` (partial rotary embeddings) pass their relevance unchanged. ``cos`` and ``sin`` receive
+    no relevance.
+    '''
+    num_inputs = 3
+    saves_output = False
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        x, cos, sin = inputs
+        rotary_dim = cos.shape[-1]
+        x_rot = x[..., :rotary_dim]
+        # the rotated output is recomputed from x, cos and sin rather than kept
+        ratio = relevance[..., :rotary_dim] / self.stabilizer(x_rot * cos + rotate_half(x_rot) * sin)
+        transposed = ratio * cos - rotate_half(ratio * sin)
+        rel_rot = x_rot * transposed
+        if rotary_dim == x.shape[-1]:
+            return rel_rot, None, None
+        return torch.cat((rel_rot, relevance[..., rotary_dim:]), dim=-1), None, None
+
+
+class IndexAddRule(AttnHook):
+    '''ε-sum rule for a scatter-sum ``y = target.index_add(dim, index, source, alpha)``
+    (:py:class:`~zennit_attn.layers.IndexAdd`): every contribution gets its share of the relevance of the place it is
+    added to, ``R_target = target * R / stab(y)`` and ``R_source = alpha * source * (R / stab(y))[index]``. A constant
+    operand absorbs its share.
+    '''
+    num_inputs = 2
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        target, source = inputs
+        ratio = relevance / self.stabilizer(output)
+        rel_target = target * ratio if variable[0] else None
+        rel_source = None
+        if variable[1]:
+            rel_source = source * ratio.index_select(module.dim, module.index) * module.alpha
+        return rel_target, rel_source
+
+
+class StopRule(AttnHook):
+    '''Stop rule: no relevance passes through the module. CP-LRP uses it on the softmax and the score product, whose
+    output it treats as constant.
+    '''
+    uses_epsilon = False
+    saves_inputs = saves_output = False
+
+    def __init__(self):
+        super().__init__(epsilon=1e-6)
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        return (None,) * len(inputs)
