@@ -67,7 +67,10 @@ def perturbed(model, seed=1, scale=0.2):
 
 
 #: parameters that absorb relevance (biases, additive embeddings, class tokens, LayerNorm shifts)
-ABSORBING = ('bias', 'pos_embed', 'position_embedding', 'class_token', 'cls_token', 'token_type', 'wpe')
+ABSORBING = (
+    'bias', 'pos_embed', 'position_embedding', 'class_token', 'cls_token', 'dist_token', 'reg_token', 'token_type',
+    'wpe',
+)
 
 
 def bias_free(model):
@@ -117,6 +120,25 @@ def wrap_hf_vit(model):
 def oracle_hf_vit(model, x, target, cp_lrp):
     weight = torch.nn.functional.one_hot(target, model.config.num_labels).double()
     return oracle_relevance(lambda pixels: vit_logits(model, pixels, cp_lrp=cp_lrp), x, weight)[0]
+
+
+def timm_vit(constructor='vision_transformer.VisionTransformer', fused_attn=True, **options):
+    '''A tiny timm ViT; ``fused_attn=False`` makes its attention modules compute softmax(q k^T) v inline.'''
+    def build():
+        import importlib
+        module, name = constructor.rsplit('.', 1)
+        model_type = getattr(importlib.import_module(f'timm.models.{module}'), name)
+        torch.manual_seed(0)
+        model = model_type(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=5, **options)
+        for child in model.modules():
+            if hasattr(child, 'fused_attn'):
+                child.fused_attn = fused_attn
+        return perturbed(model.double().eval())
+    return build
+
+
+def wrap_image(model):
+    return model, torch.randn(2, 3, 16, 16, generator=generator(2), dtype=torch.float64), torch.tensor([1, 3])
 
 
 # -------------------------------------------------------------------------------------------------------- text
@@ -294,6 +316,10 @@ def wrap_plain(model):
 ENTRIES = [
     Entry('torchvision_vit', torchvision_vit, wrap_torchvision_vit, oracle_torchvision_vit),
     Entry('hf_vit', hf_vit, wrap_hf_vit, oracle_hf_vit),
+    Entry('timm_vit', timm_vit(), wrap_image),
+    Entry('timm_vit_avg_layerscale_unfused', timm_vit(
+        fused_attn=False, global_pool='avg', init_values=0.1, fc_norm=True), wrap_image),
+    Entry('timm_deit_distilled', timm_vit('deit.VisionTransformerDistilled'), wrap_image),
     Entry('bert', bert('bert'), wrap_bert, oracle_bert),
     Entry('roberta', bert('roberta'), wrap_bert, oracle_bert),
     Entry('distilbert', distilbert, wrap_distilbert),

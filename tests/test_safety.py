@@ -6,6 +6,8 @@ import torch.nn.functional as F
 import torchvision
 from zennit.attribution import Gradient
 
+import zennit_attn
+
 from zennit_attn.composites import AttnLRP, CPLRP, UnsupportedModelError
 from zennit_attn.engine import UnsupportedOperationError
 
@@ -287,3 +289,30 @@ def test_batch_norm_merged_by_zennit_is_accepted_unmerged_is_refused():
     assert torch.allclose(output, plain, rtol=1e-12)
     assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
     assert_restored(model, before)
+
+
+def test_timm_convit_is_refused_and_cait_is_attributed():
+    '''ConViT's gated positional attention renormalises by an input-dependent sum (no rule): a clear error naming
+    the module, where it used to give 1.4e7 times the logit. CaiT (class attention, talking heads, LayerScale; it used
+    to give 0.000 silently) runs with every operation covered and CP-LRP on the bias-free model conserves up to the
+    talking-heads projection of the probabilities (a Linear between softmax and context, so CP-LRP's constant
+    probabilities do not apply there and the softmax rule absorbs a little).'''
+    pytest.importorskip('timm')
+    from timm.models.cait import Cait
+    from timm.models.convit import ConVit
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    convit = ConVit(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=3,
+                    local_up_to_layer=1).double().eval()
+    with pytest.raises(UnsupportedOperationError, match=r"module 'blocks\.0\.attn' \(GPSA\): operation 'div'"):
+        logit_relevance(convit, AttnLRP(), x)
+    torch.manual_seed(0)
+    cait = Cait(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=3,
+                depth_token_only=1).double().eval()
+    with torch.no_grad():
+        for name, param in cait.named_parameters():
+            if name.endswith('bias') or name in ('pos_embed', 'cls_token'):
+                param.zero_()
+    assert zennit_attn.check(cait, AttnLRP(), x).ok
+    logit, relevance = logit_relevance(cait, CPLRP(epsilon=1e-12), x)
+    assert torch.allclose(relevance.sum((1, 2, 3)), logit, rtol=1e-3)
