@@ -2,8 +2,9 @@
 is routed to an AttnLRP rule as it happens.
 
 While a composite is registered, a :py:class:`torch.overrides.TorchFunctionMode` is active inside the model's forward
-only (entered by a forward pre-hook of the registered root module, left by its forward hook). It sees every torch call
-that the forward makes between modules: ``a + b``, ``a * b``, ``a @ b``, softmax, ``neg``, scalings, mask sums, rotary
+only (entered by the forward pre-hook of the outermost module call, left by its forward hook: the registered model's
+forward, or that of any of its modules called directly). It sees every torch call that the forward makes between
+modules: ``a + b``, ``a * b``, ``a @ b``, softmax, ``neg``, scalings, mask sums, rotary
 arithmetic, in-place variants, ``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``, functional
 linear layers, ... (ATTNLRP.md §7). Inside modules that carry a module rule (Linear/Conv, norms, activations) it is
 suspended: their rule covers what they compute.
@@ -26,6 +27,7 @@ import math
 import os
 import sys
 import weakref
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -284,8 +286,8 @@ class Engine:
         ``attention(module)``: whether a module is an attention module (its functional linear layers are attention
         projections, for the γ presets' roles).
     on_probabilities: callable, optional
-        Recording mode (with ``rule_for=None``): called with the attention probabilities of every attention call,
-        computed beside the unchanged forward; used by attention rollout.
+        Recording mode (with ``rule_for=None``): attention calls run unfolded with plain operations, and this is
+        called with the probabilities of each (part of the graph); used by attention rollout.
     '''
     def __init__(self, rule_for=None, fused=True, ruled=None, attention=None, on_probabilities=None):
         self.rule_for = rule_for

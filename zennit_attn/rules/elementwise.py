@@ -87,6 +87,13 @@ class SumRule(AttnHook):
         # (softmax) keeps anyway, so the operand (the scores) need not stay alive
         if sum(variable) == 1 and inputs[variable.index(True)].shape == output.shape:
             return True, tuple(not var for var in variable)
+        # two input-dependent operands (residual streams, rotary sums): keep the sum and the first operand of its shape;
+        # the sum is usually kept by what consumes it (the next residual sum, the attention core) and the operand by
+        # what produced it (the previous sum, a Linear), so the sum adds no tensor of its own
+        if all(variable):
+            for index, tensor in enumerate(inputs):
+                if tensor.shape == output.shape:
+                    return True, tuple(position == index for position in range(2))
         return False, (True, True)
 
     @staticmethod
