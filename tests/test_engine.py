@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from zennit.attribution import Gradient
 
+import zennit_attn.rules
+
 from zennit_attn.composites import AttnLRP, CPLRP
 from zennit_attn.engine import UnsupportedOperationError, op_listeners
 
@@ -398,3 +400,36 @@ def test_fused_and_unfolded_attention_apply_epsilon_alike(dtype):
             results.append(attributor(x, lambda y: y)[1])
     tolerance = 1e-5 if dtype == torch.float32 else 1e-10
     assert torch.allclose(results[0], results[1], rtol=tolerance, atol=tolerance * 1e-3)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate_half_stacked(x):
+    '''The same rotation written another way (no cat(-x2, x1) pattern): decomposed into products, negation and sum.'''
+    half = x.shape[-1] // 2
+    return torch.stack((-x[..., half:], x[..., :half]), dim=-2).flatten(-2)
+
+
+@pytest.mark.parametrize('rotation', [rotate_half, rotate_half_stacked], ids=['rotate_half', 'stacked'])
+def test_rotary_embedding_written_inline_gets_the_rope_rule(rotation):
+    '''``x * cos + rotate_half(x) * sin`` is recognised as one rotary node (RoPERule, which keeps only x); written
+    another way it is decomposed, and both give the ε-rule of the rotation (ATTNLRP.md §7) computed plainly.'''
+    angles = torch.randn(3, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    model = Ops(lambda a, b: a * cos + rotation(a) * sin).double().eval()
+    a, _ = operands(model, X)
+    seed = torch.randn(2, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    rules = []
+    token = op_listeners.set(op_listeners.get() + (lambda site, tensor: rules.append(type(tensor.grad_fn.hook)),))
+    try:
+        rel_a, _, output = relevance_at(model, X, seed)
+    finally:
+        op_listeners.reset(token)
+    assert (rules.count(zennit_attn.rules.RoPERule) == 1) == (rotation is rotate_half)
+    # the rotation is linear, y = J a: R_a = a * J^T (R / y)
+    ratio = seed * output.detach() / output.detach()
+    expected = a * (ratio * cos - rotate_half(ratio * sin))
+    assert torch.allclose(rel_a, expected, rtol=1e-8, atol=1e-12)

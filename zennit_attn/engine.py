@@ -485,6 +485,11 @@ class Engine:
             if bound['mode'] != 'constant' and _differentiable(bound['input']) and _is_variable(bound['input']):
                 return self._unknown(f'pad(mode={bound["mode"]!r})', func, args, kwargs, force=True)
         result = func(*args, **kwargs)
+        if name in ('cat', 'concat', 'concatenate') and isinstance(result, torch.Tensor):
+            parts = args[0] if args else kwargs.get('tensors')
+            if isinstance(parts, (tuple, list)) and len(parts) == 2 and hasattr(parts[0], '_zennit_attn_negated'):
+                # cat(-x2, x1): the rotate_half of a rotary embedding, if x1 and x2 are the halves of one tensor
+                result._zennit_attn_halves = (parts[0]._zennit_attn_negated, parts[1])
         # roles (probabilities, gates) survive re-arrangements and casts
         role = next((self._role(arg) for arg in args if self._role(arg) is not None), None)
         if role is not None and isinstance(result, torch.Tensor):
@@ -586,9 +591,32 @@ class Engine:
             a, b, factor = b, a, -alpha
         else:
             factor = sign * alpha
+        if factor == 1:
+            rotary = self._rotary(a, b, output)
+            if rotary is not None:
+                return rotary
         if factor != 1:
             b = self._scale(b, factor, 'neg' if factor == -1 else 'mul')
         return self._inherit(self._attach(name, self._carrier('sum', layers.Sum), (a, b), output), a, b)
+
+    def _rotary(self, a, b, output):
+        '''``x * cos + rotate_half(x) * sin`` (rotate_half = ``cat(-x2, x1)`` of x's halves) as one rotary-embedding
+        node (the RoPE rule, which keeps x, usually kept by its projection anyway, instead of both products); None if
+        the operands are not of that form. The relevance equals that of the separate products, negation and sum.'''
+        x, cos = getattr(a, '_zennit_attn_factor', (None, None))
+        rotated, sin = getattr(b, '_zennit_attn_factor', (None, None))
+        halves = getattr(rotated, '_zennit_attn_halves', None)
+        if x is None or halves is None or cos.shape != sin.shape or rotated.shape != x.shape or x.shape[-1] % 2:
+            return None
+        second, first = halves
+        half = x.shape[-1] // 2
+        for part, expected in ((first, x[..., :half]), (second, x[..., half:])):
+            if part.shape != expected.shape or part.stride() != expected.stride() or \
+                    part.data_ptr() != expected.data_ptr():
+                return None
+        if cos.shape[-1] != x.shape[-1]:
+            return None
+        return self._attach('add', self._carrier('rotary', layers.RotaryEmbedding), (x, cos, sin), output)
 
     def _scale(self, tensor, factor, op):
         '''``factor * tensor`` through the identity rule (constant scaling, negation).'''
@@ -627,7 +655,12 @@ class Engine:
             return self._attach(name, self._carrier('gated', layers.GatedProduct), (b, a), output)
         if gate_a and not gate_b:
             return self._attach(name, self._carrier('gated', layers.GatedProduct), (a, b), output)
-        return self._inherit(self._attach(name, self._carrier('product', layers.Product), (a, b), output), a, b)
+        result = self._inherit(self._attach(name, self._carrier('product', layers.Product), (a, b), output), a, b)
+        variable = [_differentiable(tensor) and _is_variable(tensor) for tensor in (a, b)]
+        if sum(variable) == 1 and result is not output:
+            # remember ``x * c`` (c constant): a sum of two such products may be a rotary embedding
+            result._zennit_attn_factor = (a, b) if variable[0] else (b, a)
+        return result
 
     def _div(self, name, func, args, kwargs):
         if name in INPLACE:
@@ -662,6 +695,8 @@ class Engine:
             return self._inplace(name, func, args, kwargs, lambda copy: self._neg('neg', torch.neg, (copy,), {}))
         output = func(*args, **kwargs)
         result = self._attach('neg', self._carrier(('scale', -1.0), lambda: layers.Scale(-1.0)), (args[0],), output)
+        if result is not output:
+            result._zennit_attn_negated = args[0]
         return self._inherit(result, args[0])
 
     def _pos(self, name, func, args, kwargs):
