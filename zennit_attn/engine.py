@@ -302,6 +302,8 @@ class Engine:
         self.names = {}
         self.guarded = set()
         self._carriers = {}
+        # additive masks built in this forward, shared by all layers (kept once by their rules, not once per layer)
+        self._masks = {}
 
     # ------------------------------------------------------------------------------------------------ registration
     def register(self, root):
@@ -351,6 +353,7 @@ class Engine:
     def _exit(self, module, output):
         self.depth -= 1
         self.mode.__exit__(None, None, None)
+        self._masks = {}
         if self.rule_for is not None and torch.is_grad_enabled():
             self._check_finite(module, output)
 
@@ -870,10 +873,21 @@ class Engine:
         probabilities = self._softmax('softmax', torch.softmax, (scores, -1), {})
         return self._matmul('matmul', torch.matmul, (probabilities.to(value.dtype), value), {}), probabilities
 
-    @staticmethod
-    def _additive_mask(mask, is_causal, query, key):
+    def _additive_mask(self, mask, is_causal, query, key):
         '''The additive float form of an attention mask (boolean ``True`` = attend; ``is_causal`` = top-left causal),
-        masked entries at the dtype's minimum (at most float32's, so that no NaN arises in a float32 softmax).'''
+        masked entries at the dtype's minimum (at most float32's, so that no NaN arises in a float32 softmax). Built
+        once per forward for each distinct mask, so that all layers share (and their rules keep) one tensor.'''
+        cache_key = (id(mask), bool(is_causal), query.shape[-2], key.shape[-2], query.dtype, query.device)
+        cached = self._masks.get(cache_key)
+        if cached is not None and cached[0] is mask:
+            return cached[1]
+        result = self._build_mask(mask, is_causal, query, key)
+        self._masks[cache_key] = (mask, result)
+        return result
+
+    @staticmethod
+    def _build_mask(mask, is_causal, query, key):
+        '''See :py:meth:`_additive_mask`.'''
         dtype = query.dtype
         fill = max(torch.finfo(dtype).min, torch.finfo(torch.float32).min)
         if is_causal:
