@@ -33,12 +33,18 @@ class Entry:
         ``(model, x, target, cp_lrp) -> relevance`` (an independent implementation), or None.
     conserves: bool
         Whether CP-LRP on :py:func:`bias_free` of the model is exactly conservative (the rules conserve).
+    absorbing: tuple[str]
+        Names (substrings) of further parameters that absorb relevance in this family, zeroed by :py:func:`bias_free`.
+    check: str
+        What the independent whole-model check of this family is (documentation, listed in the README's table).
     '''
     name: str
     build: object
     wrap: object
     oracle: object = None
     conserves: bool = True
+    absorbing: tuple = ()
+    check: str = 'CP-LRP conservation (bias-free)'
 
 
 class Logits(torch.nn.Module):
@@ -73,11 +79,12 @@ ABSORBING = (
 )
 
 
-def bias_free(model):
-    '''Zero every absorbing parameter: then CP-LRP conserves relevance exactly (ATTNLRP.md §2).'''
+def bias_free(model, absorbing=()):
+    '''Zero every absorbing parameter (:py:data:`ABSORBING` and ``absorbing``): then CP-LRP conserves relevance
+    exactly (ATTNLRP.md §2).'''
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if any(key in name for key in ABSORBING):
+            if any(key in name for key in ABSORBING + tuple(absorbing)):
                 param.zero_()
     return model
 
@@ -329,3 +336,12 @@ ENTRIES = [
     Entry('torch_encoder_pre_norm', torch_transformer(True), wrap_plain),
     Entry('torch_encoder_post_norm', torch_transformer(False), wrap_plain),
 ]
+
+# entries of further families live in their own modules (one per group) and join the registry here
+from conformance_decoders import ENTRIES as _DECODER_ENTRIES  # noqa: E402
+from conformance_moe import ENTRIES as _MOE_ENTRIES  # noqa: E402
+from conformance_encoders import ENTRIES as _ENCODER_ENTRIES  # noqa: E402
+from conformance_vision import ENTRIES as _VISION_ENTRIES  # noqa: E402
+from conformance_multimodal import ENTRIES as _MULTIMODAL_ENTRIES  # noqa: E402
+
+ENTRIES += _DECODER_ENTRIES + _MOE_ENTRIES + _ENCODER_ENTRIES + _VISION_ENTRIES + _MULTIMODAL_ENTRIES

@@ -97,7 +97,7 @@ def test_cp_lrp_conserves_on_bias_free_model(entry):
     '''CP-LRP with every bias, additive embedding and class token zeroed: input relevance = logit (ATTNLRP.md §2).'''
     if not entry.conserves:
         pytest.skip(f'{entry.name}: its rules do not conserve')
-    model = bias_free(entry.build())
+    model = bias_free(entry.build(), entry.absorbing)
     wrapper, x, target = entry.wrap(model)
     output, relevance = attribute(wrapper, CPLRP(epsilon=1e-12), x, target)
     logits = output[torch.arange(len(target)), target]

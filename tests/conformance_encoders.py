@@ -1,0 +1,2 @@
+'''Conformance entries: text encoders beyond the BERT family (joined into ``conformance.ENTRIES``).'''
+ENTRIES = []

@@ -1,0 +1,2 @@
+'''Conformance entries: mixture-of-experts language models (joined into ``conformance.ENTRIES``).'''
+ENTRIES = []

@@ -1,0 +1,2 @@
+'''Conformance entries: vision-language models (CLIP, SigLIP) (joined into ``conformance.ENTRIES``).'''
+ENTRIES = []

@@ -1,0 +1,2 @@
+'''Conformance entries: vision transformers beyond the plain ViT (joined into ``conformance.ENTRIES``).'''
+ENTRIES = []
