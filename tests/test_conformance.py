@@ -112,3 +112,28 @@ def test_fused_and_unfolded_attention_agree(entry):
         attribute(wrapper, AttnLRP(epsilon=1e-12, fused_attention=fused), x, target)[1] for fused in (True, False)
     ]
     assert relative_difference(results[0], results[1]) < 1e-7
+
+
+#: name parts of the Linear layers that are attention projections (q/k/v/out), across the registered families
+PROJECTION_NAMES = ('attn', 'attention', 'q_proj', 'k_proj', 'v_proj', 'o_proj', 'query', 'key', 'value', 'qkv')
+
+
+def test_vision_preset_finds_the_roles(entry):
+    '''``attnlrp_vit``: ε on every attention projection (q/k/v/out, found by name here, independently of the
+    composite's type matching), γ=0.05 on every other Linear (MLP, head) and γ=0.25 on convolutions (patch embedding).'''
+    from zennit_attn.rules import Epsilon, Gamma
+    model = entry.build()
+    wrapper, _, _ = entry.wrap(model)
+    composite = AttnLRPViT()
+    linear_types = (torch.nn.Linear,) + ((__import__('transformers').pytorch_utils.Conv1D,))
+    with composite.context(wrapper):
+        for name, module in wrapper.named_modules():
+            rule = composite.template(module, composite.roles.get(module))
+            parts = name.lower().split('.')
+            if isinstance(module, linear_types) and not name.endswith(('gate', 'router')):
+                if any(key in part for part in parts[:-1] + parts[-1:] for key in PROJECTION_NAMES):
+                    assert type(rule) is Epsilon, (name, rule)
+                else:
+                    assert type(rule) is Gamma and rule.gamma == 0.05, (name, rule)
+            elif isinstance(module, torch.nn.modules.conv._ConvNd):
+                assert type(rule) is Gamma and rule.gamma == 0.25, (name, rule)
