@@ -120,7 +120,7 @@ PROJECTION_NAMES = ('attn', 'attention', 'q_proj', 'k_proj', 'v_proj', 'o_proj',
 
 def test_vision_preset_finds_the_roles(entry):
     '''``attnlrp_vit``: ε on every attention projection (q/k/v/out, found by name here, independently of the
-    composite's type matching), γ=0.05 on every other Linear (MLP, head) and γ=0.25 on convolutions (patch embedding).'''
+    composite's type matching), γ=0.05 on every other Linear (MLP, head), γ=0.25 on convolutions (patch embedding).'''
     from zennit_attn.rules import Epsilon, Gamma
     model = entry.build()
     wrapper, _, _ = entry.wrap(model)
