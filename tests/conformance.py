@@ -5,7 +5,8 @@ its input and targets, and names its independent whole-model check: a hand-writt
 modified gradient × input of a forward that shares no code with the library) and/or exact conservation of CP-LRP on a
 bias-free copy. ``tests/test_conformance.py`` generates the whole suite for every entry: forward unchanged while
 registered, bit-identical model after removal (also after an exception), lint clean, the independent check, and fused
-== unfolded attention. Adding a family = one entry here (+ its declaration in ``zennit_attn.families`` if it needs one).
+== unfolded attention. Adding a family = one entry here or in a group module ``conformance_<group>.py`` (joined in
+``registry.py``), plus its declaration in ``zennit_attn.families`` if it needs one.
 '''
 from dataclasses import dataclass
 
@@ -336,12 +337,3 @@ ENTRIES = [
     Entry('torch_encoder_pre_norm', torch_transformer(True), wrap_plain),
     Entry('torch_encoder_post_norm', torch_transformer(False), wrap_plain),
 ]
-
-# entries of further families live in their own modules (one per group) and join the registry here
-from conformance_decoders import ENTRIES as _DECODER_ENTRIES  # noqa: E402
-from conformance_moe import ENTRIES as _MOE_ENTRIES  # noqa: E402
-from conformance_encoders import ENTRIES as _ENCODER_ENTRIES  # noqa: E402
-from conformance_vision import ENTRIES as _VISION_ENTRIES  # noqa: E402
-from conformance_multimodal import ENTRIES as _MULTIMODAL_ENTRIES  # noqa: E402
-
-ENTRIES += _DECODER_ENTRIES + _MOE_ENTRIES + _ENCODER_ENTRIES + _VISION_ENTRIES + _MULTIMODAL_ENTRIES

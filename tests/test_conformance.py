@@ -6,7 +6,8 @@ from zennit.attribution import Gradient
 import zennit_attn
 from zennit_attn.composites import AttnLRP, AttnLRPViT, CPLRP, CPLRPViT
 
-from conformance import ENTRIES, bias_free
+from conformance import bias_free
+from registry import ENTRIES
 from restoration import assert_restored, relative_difference, snapshot
 
 pytestmark = pytest.mark.usefixtures('single_thread')

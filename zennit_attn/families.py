@@ -97,6 +97,13 @@ register_family(Family(
 ))
 
 # ------------------------------------------------------------------------------------------------------- decoders
+register_family(Family('Phi-3', (_HF + 'phi3.',)))
+# attention logits soft-capped by tanh (an activation: identity rule), sandwich norms; eager attention only
+register_family(Family('Gemma2', (_HF + 'gemma2.',)))
+register_family(Family('GPT-NeoX / Pythia', (_HF + 'gpt_neox.',)))
+register_family(Family('OPT', (_HF + 'opt.',)))
+register_family(Family('Falcon', (_HF + 'falcon.',)))
+register_family(Family('BART', (_HF + 'bart.',)))
 
 # --------------------------------------------------------------------------------------- mixture of experts
 
