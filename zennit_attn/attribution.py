@@ -11,7 +11,7 @@ import torch
 from zennit.attribution import Gradient
 
 
-__all__ = ['TokenRelevance', 'token_relevance', 'EmbeddingsForward', 'LogitsOnly']
+__all__ = ['TokenRelevance', 'token_relevance', 'EmbeddingsForward', 'EncoderDecoderForward', 'LogitsOnly']
 
 
 class TokenRelevance(NamedTuple):
@@ -32,6 +32,12 @@ class TokenRelevance(NamedTuple):
         For per-token logits: the explained position per sample, shape ``(batch,)``; None for classifiers.
     contrast: :py:obj:`torch.Tensor` or None
         The contrast class or token id per sample, or None.
+    decoder_relevance: :py:obj:`torch.Tensor` or None
+        Encoder-decoder models: the relevance of every decoder input token, shape ``(batch, decoder tokens)``
+        (``relevance`` then holds the encoder tokens'; together they sum to the explained logit up to what biases
+        absorb). None for other models.
+    decoder_embedding_relevance: :py:obj:`torch.Tensor` or None
+        Encoder-decoder models: the relevance at the decoder input embeddings.
     '''
     relevance: torch.Tensor
     embedding_relevance: torch.Tensor
@@ -39,6 +45,8 @@ class TokenRelevance(NamedTuple):
     target: torch.Tensor
     position: torch.Tensor = None
     contrast: torch.Tensor = None
+    decoder_relevance: torch.Tensor = None
+    decoder_embedding_relevance: torch.Tensor = None
 
 
 def logits_of(output):
@@ -93,6 +101,32 @@ class EmbeddingsForward(torch.nn.Module):
         return logits_of(self.model(inputs_embeds=inputs_embeds, **self.kwargs))
 
 
+class EncoderDecoderForward(EmbeddingsForward):
+    '''Wrapper for encoder-decoder models whose one input is the encoder and the decoder embeddings concatenated along
+    the tokens, ``cat(inputs_embeds, decoder_inputs_embeds, 1)``, so that one attribution reaches both sides.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        A model accepting ``inputs_embeds=`` and ``decoder_inputs_embeds=`` (e.g. ``T5ForConditionalGeneration``).
+    encoder_length: int
+        The number of encoder tokens at the start of the input.
+    **kwargs:
+        Keyword arguments of every model call (``attention_mask``, ``decoder_attention_mask``); ``None`` values are
+        left out.
+    '''
+    def __init__(self, model, encoder_length, **kwargs):
+        super().__init__(model, **kwargs)
+        self.encoder_length = encoder_length
+
+    def forward(self, inputs_embeds):
+        '''Return the decoder logits of the model on the split input.'''
+        split = self.encoder_length
+        return logits_of(self.model(
+            inputs_embeds=inputs_embeds[:, :split], decoder_inputs_embeds=inputs_embeds[:, split:], **self.kwargs
+        ))
+
+
 def _accepts(model, name):
     '''Whether ``model.forward`` accepts the keyword argument ``name`` (explicitly or through ``**kwargs``).'''
     try:
@@ -139,10 +173,28 @@ def last_positions(attention_mask, batch, length, device):
     return length - 1 - mask.flip(1).int().argmax(1)
 
 
+def _is_encoder_decoder(model):
+    return bool(getattr(getattr(model, 'config', None), 'is_encoder_decoder', False))
+
+
+def _decoder_embedding(model):
+    '''The decoder's token embedding module (with the model's own scaling, e.g. BART's), or None.'''
+    get_decoder = getattr(model, 'get_decoder', None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    get_embeddings = getattr(decoder, 'get_input_embeddings', None)
+    embedding = get_embeddings() if callable(get_embeddings) else getattr(decoder, 'embed_tokens', None)
+    return embedding if embedding is not None else model.get_input_embeddings()
+
+
 def token_relevance(
     model, composite, input_ids, attention_mask=None, target=None, position=None, contrast=None, token_type_ids=None,
+    decoder_input_ids=None, decoder_attention_mask=None,
 ):
     '''Relevance of every input token for a logit of a text model, with an AttnLRP composite.
+
+    Encoder-decoder models (``model.config.is_encoder_decoder``, e.g. T5, BART) explain a decoder logit: the decoder
+    tokens so far are given as ``decoder_input_ids``, and a single attribution distributes the relevance over the
+    encoder tokens (``relevance``) *and* the decoder tokens (``decoder_relevance``).
 
     The input embeddings ``model.get_input_embeddings()(input_ids)`` (which includes model-specific scaling, e.g.
     Gemma's) are fed as ``inputs_embeds`` through a wrapper to :py:class:`zennit.attribution.Gradient` with
@@ -170,15 +222,40 @@ def token_relevance(
         A class / token id whose logit is subtracted (contrastive explanation).
     token_type_ids: :py:obj:`torch.Tensor`, optional
         Segment ids for BERT-style models.
+    decoder_input_ids: :py:obj:`torch.Tensor`, optional
+        Encoder-decoder models only (and required there): the decoder input tokens ``(batch, decoder tokens)``,
+        starting with the decoder start token (``model.config.decoder_start_token_id``); ``position`` then indexes
+        them.
+    decoder_attention_mask: :py:obj:`torch.Tensor`, optional
+        Encoder-decoder models only: the decoder's padding mask.
 
     Returns
     -------
     :py:class:`TokenRelevance`
     '''
+    encoder_decoder = _is_encoder_decoder(model)
+    if encoder_decoder and decoder_input_ids is None:
+        raise ValueError(
+            f'token_relevance: {type(model).__name__} is an encoder-decoder model; pass decoder_input_ids (the decoder '
+            'tokens so far, starting with model.config.decoder_start_token_id): the logits of a decoder position are '
+            'explained, over the encoder and the decoder tokens.'
+        )
+    if not encoder_decoder and (decoder_input_ids is not None or decoder_attention_mask is not None):
+        raise ValueError(
+            f'token_relevance: decoder_input_ids/decoder_attention_mask given, but {type(model).__name__} is not an '
+            'encoder-decoder model (config.is_encoder_decoder is not set).'
+        )
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
         attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
         token_type_ids = None if token_type_ids is None else token_type_ids.reshape(1, -1)
+    if decoder_input_ids is not None and decoder_input_ids.ndim == 1:
+        decoder_input_ids = decoder_input_ids[None]
+        decoder_attention_mask = None if decoder_attention_mask is None else decoder_attention_mask.reshape(1, -1)
+    if decoder_input_ids is not None and len(decoder_input_ids) != len(input_ids):
+        raise ValueError(
+            f'token_relevance: decoder_input_ids has batch size {len(decoder_input_ids)}, input_ids {len(input_ids)}'
+        )
     get_embeddings = getattr(model, 'get_input_embeddings', None)
     embedding = get_embeddings() if callable(get_embeddings) else None
     if embedding is None:
@@ -190,17 +267,34 @@ def token_relevance(
     with torch.no_grad():
         inputs_embeds = embedding(input_ids)
 
-    wrapper = EmbeddingsForward(
-        model, attention_mask=attention_mask, token_type_ids=token_type_ids,
-        position_ids=_position_ids(model, input_ids),
-    )
+    if encoder_decoder:
+        with torch.no_grad():
+            decoder_embeds = _decoder_embedding(model)(decoder_input_ids)
+        if decoder_embeds.shape[-1] != inputs_embeds.shape[-1] or decoder_embeds.dtype != inputs_embeds.dtype:
+            raise ValueError(
+                f'token_relevance: the encoder and decoder embeddings of {type(model).__name__} differ in size or '
+                f'dtype ({tuple(inputs_embeds.shape)} {inputs_embeds.dtype} vs {tuple(decoder_embeds.shape)} '
+                f'{decoder_embeds.dtype}); this model is not supported.'
+            )
+        wrapper = EncoderDecoderForward(
+            model, length, attention_mask=attention_mask, decoder_attention_mask=decoder_attention_mask,
+        )
+        inputs_embeds = torch.cat([inputs_embeds, decoder_embeds], 1)
+        # positions index the decoder tokens
+        position_mask, position_length = decoder_attention_mask, decoder_input_ids.shape[1]
+    else:
+        wrapper = EmbeddingsForward(
+            model, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=_position_ids(model, input_ids),
+        )
+        position_mask, position_length = attention_mask, length
     resolved = {}
 
     def seed(output):
         logits = output.detach()
         if logits.ndim == 3:
-            positions = last_positions(attention_mask, batch, length, device) if position is None else (
-                per_sample(position, batch, 'position', device) % length
+            positions = last_positions(position_mask, batch, position_length, device) if position is None else (
+                per_sample(position, batch, 'position', device) % position_length
             )
             selected = logits[torch.arange(batch, device=device), positions]
         elif logits.ndim == 2:
@@ -229,6 +323,13 @@ def token_relevance(
     with Gradient(wrapper, composite) as attributor:
         _, embedding_relevance = attributor(inputs_embeds, seed)
     summed_dtype = torch.float64 if embedding_relevance.dtype == torch.float64 else torch.float32
+    decoder_part = {}
+    if encoder_decoder:
+        embedding_relevance, decoder_relevance = embedding_relevance[:, :length], embedding_relevance[:, length:]
+        decoder_part = dict(
+            decoder_relevance=decoder_relevance.to(summed_dtype).sum(-1),
+            decoder_embedding_relevance=decoder_relevance,
+        )
     return TokenRelevance(
         relevance=embedding_relevance.to(summed_dtype).sum(-1),
         embedding_relevance=embedding_relevance,
@@ -236,4 +337,5 @@ def token_relevance(
         target=resolved['target'],
         position=resolved['position'],
         contrast=resolved['contrast'],
+        **decoder_part,
     )
