@@ -3,6 +3,7 @@
 import torch
 
 from conformance import LENGTH, EncoderDecoderLogits, Entry, Logits, generator, perturbed, token_inputs
+from oracle_decoders import decoder_oracle
 
 VOCAB = 50
 
@@ -10,9 +11,10 @@ VOCAB = 50
 DECODERS = {
     # fused qkv and gate/up projections, partial-free RoPE
     'phi3': ('Phi3Config', 'Phi3ForCausalLM', dict(pad_token_id=0, num_key_value_heads=2)),
-    # soft-capped attention logits (tanh), sandwich norms, sliding window; no sdpa in transformers 5
+    # soft-capped attention logits (tanh; caps small enough to bend these tiny scores), sandwich norms, sliding
+    # window; no sdpa in transformers 5
     'gemma2': ('Gemma2Config', 'Gemma2ForCausalLM', dict(
-        num_key_value_heads=2, head_dim=8, sliding_window=3, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+        num_key_value_heads=2, head_dim=8, sliding_window=3, attn_logit_softcapping=0.05, final_logit_softcapping=0.5,
         query_pre_attn_scalar=10, attn_implementation='eager',
     )),
     # parallel residual, partial rotary
@@ -48,6 +50,16 @@ def wrap_decoder(model):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     wrapper = Logits(model, 'inputs_embeds', position=-1, attention_mask=mask, position_ids=positions)
     return wrapper, embeds, torch.tensor([3, 5])
+
+
+def oracle_decoder(model, x, target, cp_lrp):
+    wrapper, _, _ = wrap_decoder(model)
+    return decoder_oracle(model, x, wrapper.kwargs['attention_mask'], wrapper.kwargs['position_ids'], target,
+                          cp_lrp=cp_lrp)[0]
+
+
+#: the families the hand-written decoder oracle (tests/oracle_decoders.py) implements
+WITH_ORACLE = ('phi3', 'gemma2')
 
 
 def opt():
@@ -89,7 +101,8 @@ def wrap_bart(model):
 POSITIONS = ('embed_positions',)
 
 ENTRIES = [
-    *(Entry(family, decoder(family), wrap_decoder) for family in sorted(DECODERS)),
+    *(Entry(family, decoder(family), wrap_decoder, oracle_decoder if family in WITH_ORACLE else None)
+      for family in sorted(DECODERS)),
     Entry('opt', opt, wrap_opt, absorbing=POSITIONS),
     Entry('bart', bart, wrap_bart, absorbing=POSITIONS),
 ]

@@ -1,6 +1,6 @@
 '''Independent oracle for the LLaMA-style decoders of Hugging Face transformers (ATTNLRP.md §3): a hand-written
-forward of LLaMA / Mistral / Qwen2 / Qwen3 / Gemma3-text with modified gradients, whose gradient × input equals the
-AttnLRP (or CP-LRP) relevance as ε -> 0.
+forward of LLaMA / Mistral / Qwen2 / Qwen3 / Gemma2 / Gemma3-text / Phi-3 with modified gradients, whose gradient ×
+input equals the AttnLRP (or CP-LRP) relevance as ε -> 0.
 
 It reads only the model's config and weights and shares no code with zennit_attn (nor with transformers' modeling
 code): RoPE, masks, grouped-query attention and the norms are written out here. The forward values follow the
@@ -99,8 +99,13 @@ def attention(x, attn, config, cos, sin, mask, gemma, cp_lrp):
     def split(tensor, count):
         return tensor.reshape(batch, length, count, head_dim).transpose(1, 2)
 
-    q, k, v = split(linear(x, attn.q_proj), heads), split(linear(x, attn.k_proj), kv_heads), split(
-        linear(x, attn.v_proj), kv_heads)
+    if hasattr(attn, 'qkv_proj'):  # Phi-3: one fused projection, q then k then v
+        fused = linear(x, attn.qkv_proj)
+        q, k, v = fused.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+        q, k, v = split(q, heads), split(k, kv_heads), split(v, kv_heads)
+    else:
+        q, k, v = split(linear(x, attn.q_proj), heads), split(linear(x, attn.k_proj), kv_heads), split(
+            linear(x, attn.v_proj), kv_heads)
     if hasattr(attn, 'q_norm'):
         q = rms_norm(q, attn.q_norm.weight, config.rms_norm_eps, gemma)
         k = rms_norm(k, attn.k_norm.weight, config.rms_norm_eps, gemma)
@@ -108,12 +113,17 @@ def attention(x, attn, config, cos, sin, mask, gemma, cp_lrp):
     k = k.repeat_interleave(heads // kv_heads, dim=1)
     v = v.repeat_interleave(heads // kv_heads, dim=1)
     scale = config.query_pre_attn_scalar ** -0.5 if gemma else head_dim ** -0.5
+    cap = getattr(config, 'attn_logit_softcapping', None)  # Gemma2: cap * tanh(scores / cap) before the mask
+
+    def capped(scores):
+        return scores if cap is None else cap * identity_grad(scores / cap, torch.tanh(scores / cap))
+
     if cp_lrp:
-        scores = (q @ k.transpose(-1, -2)) * scale
+        scores = capped((q @ k.transpose(-1, -2)) * scale)
         probabilities = torch.softmax(scores + mask, -1, dtype=torch.float32).to(x.dtype).detach()
         context = probabilities @ v
     else:
-        scores = (half_grad(q) @ half_grad(k).transpose(-1, -2)) * scale
+        scores = capped((half_grad(q) @ half_grad(k).transpose(-1, -2)) * scale)
         probabilities = torch.softmax(scores + mask, -1, dtype=torch.float32).to(x.dtype)
         context = half_grad(probabilities) @ half_grad(v)
     context = context.transpose(1, 2).reshape(batch, length, heads * head_dim)
@@ -121,16 +131,18 @@ def attention(x, attn, config, cos, sin, mask, gemma, cp_lrp):
 
 
 def mlp(x, block, activation, cp_lrp):
-    gate = linear(x, block.gate_proj)
+    if hasattr(block, 'gate_up_proj'):  # Phi-3: one fused projection, gate then up
+        gate, up = linear(x, block.gate_up_proj).chunk(2, -1)
+    else:
+        gate, up = linear(x, block.gate_proj), linear(x, block.up_proj)
     gate = identity_grad(gate, ACTIVATIONS[activation](gate))
-    up = linear(x, block.up_proj)
     hidden = gate.detach() * up if cp_lrp else half_grad(gate) * half_grad(up)
     return linear(hidden, block.down_proj)
 
 
 def decoder_logits(model, inputs_embeds, attention_mask, position_ids, cp_lrp=False):
-    '''Logits of a ``*ForCausalLM`` (LLaMA, Mistral, Qwen2, Qwen3, Gemma3 text) computed from ``inputs_embeds`` with
-    the oracle's modified gradients.
+    '''Logits of a ``*ForCausalLM`` (LLaMA, Mistral, Qwen2, Qwen3, Gemma2, Gemma3 text, Phi-3) computed from
+    ``inputs_embeds`` with the oracle's modified gradients.
     '''
     config = model.config
     gemma = config.model_type.startswith('gemma')
