@@ -6,8 +6,10 @@ Importing the package registers the composites ``attnlrp``, ``attnlrp_vit``, ``c
 from . import layers, rules, types, engine, families, composites  # noqa: F401
 from .composites import AttnLRP, AttnLRPViT, CPLRP, CPLRPViT  # noqa: F401
 from .attribution import TokenRelevance, token_relevance  # noqa: F401
+from .generation import GenerationAttribution, explain_generation  # noqa: F401
 from .check import CoverageError, CoverageReport, check  # noqa: F401
 from .conservation import conservation_report  # noqa: F401
 from .latent import record_relevance  # noqa: F401
+from .similarity import SimilarityRelevance, explain_similarity  # noqa: F401
 
 __version__ = '0.1.0'
