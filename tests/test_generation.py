@@ -186,7 +186,7 @@ def test_save_load_html_png(tmp_path, llama):
     loaded = GenerationAttribution.load(result.save(tmp_path / 'r.pt'))
     assert torch.equal(loaded.relevance, result.relevance) and loaded.source_tokens == result.source_tokens
     page = result.to_html(tmp_path / 'r.html', title='t')
-    assert page.count('<tr>') == 3 and 'logit units' not in page and (tmp_path / 'r.html').exists()
+    assert page.count('<tr>') == 3 and 'units of the explained logit' in page and (tmp_path / 'r.html').exists()
     from PIL import Image
     with Image.open(result.to_png(tmp_path / 'r.png')) as image:
         assert image.size[0] > 300 and image.size[1] > 200

@@ -128,8 +128,8 @@ class GenerationAttribution:
 
     def _labels(self):
         from .text import clean_tokens
-        sources = [token.text for token in clean_tokens(self.source_tokens)] if not self.word_level else [
-            token.strip() or token for token in self.source_tokens]
+        # words are joined raw tokens, so their markers are cleaned the same way
+        sources = [token.text for token in clean_tokens(self.source_tokens)]
         targets = [token.text for token in clean_tokens(self.target_tokens)]
         return sources, targets
 
@@ -204,8 +204,8 @@ class GenerationAttribution:
         sources, targets = self._labels()
         scale = self._scale(exclude_special)
         matplotlib = mpl()
-        width = min(2 + 0.32 * len(sources), 40)
-        height = min(1.6 + 0.32 * len(targets), 30)
+        width = min(3 + 0.32 * len(sources), 40)
+        height = min(2.8 + 0.32 * len(targets), 30)
         fig = matplotlib.Figure(figsize=(width, height), dpi=dpi)
         axes = fig.add_subplot(1, 1, 1)
         values = self.relevance.double().numpy().copy()
@@ -220,8 +220,9 @@ class GenerationAttribution:
         if title:
             axes.set_title(title)
         bar = fig.colorbar(image, ax=axes, fraction=0.03, pad=0.02)
-        clipped = ', special tokens clipped' if exclude_special else ''
-        bar.set_label(f'relevance ({self.target} units{clipped})')
+        bar.set_label(f'relevance ({self.target})')
+        if exclude_special:
+            fig.text(0.005, 0.005, 'special tokens are left out of the colour scale (clipped)', fontsize=7)
         fig.tight_layout()
         return save_figure(fig, path)
 
