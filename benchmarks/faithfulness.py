@@ -357,7 +357,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     os.makedirs(args.output, exist_ok=True)
     started = time.perf_counter()
-    report = [f'# Faithfulness benchmark (ABPC = ∫ LeRF − MoRF, logit units; higher is better)\n',
+    report = ['# Faithfulness benchmark (ABPC = ∫ LeRF − MoRF, logit units; higher is better)\n',
               f'Command: `{" ".join(sys.argv)}`\n']
     failed = False
     for part, skip in ((run_images, args.skip_images), (run_text, args.skip_text)):

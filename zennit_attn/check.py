@@ -22,7 +22,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 from zennit.core import Hook
 
+from . import types
 from .engine import _tensors, lenient
+from .rules.machinery import _mask_threshold
 
 
 __all__ = ['check', 'CoverageReport', 'CoverageError', 'Finding', 'hooked_modules', 'op_name', 'PRESERVING_OPS']
@@ -35,7 +37,7 @@ PRESERVING_OPS = frozenset({
     'cat', 'stack', 'split', 'split_with_sizes', 'unsafe_split', 'unsafe_split_with_sizes', 'unbind', 'select', 'slice',
     'index', 'index_select', 'gather', 'masked_select', 'take', 'clone', 'to_copy', 'copy', 'copy_slices', 'squeeze',
     'unsqueeze', 'constant_pad_nd', 'flip', 'roll', 'narrow', 'unfold', 'diagonal', 'movedim', 'identity',
-    'lift_fresh', 'view_as_real', 'view_as_complex', 'repeat_interleave',
+    'lift_fresh', 'view_as_real', 'view_as_complex', 'repeat_interleave', 'topk', 'sort',
 })
 
 #: display names of ops whose autograd node is named differently
@@ -84,7 +86,8 @@ _HINTS = {
     'scaled_dot_product_attention': 'fused attention outside a registered composite\'s forward: register the '
                                     'composite on the module whose forward calls it',
     'masked_fill': 'masking by filling drops the relevance of the filled positions: add the mask through '
-                   'zennit_attn.layers.Sum (SumRule) before a softmax instead',
+                   'zennit_attn.layers.Sum (SumRule) before a softmax instead (filling the scores with a very '
+                   'negative value, e.g. torch.finfo(dtype).min, right before a softmax rule is exact and accepted)',
     'where': 'torch.where drops the relevance of the unselected positions: use an additive mask through '
              'zennit_attn.layers.Sum',
     'dropout': 'dropout in training mode: call model.eval()',
@@ -115,7 +118,8 @@ def op_name(node):
         The snake-case op name.
     '''
     name = node if isinstance(node, str) else type(node).__name__
-    name = re.sub(r'Backward\d*$', '', name)
+    # 'CopyBackwards' (the node of an in-place copy_) is the one node named with a plural
+    name = re.sub(r'Backwards?\d*$', '', name)
     name = re.sub(r'(?<=[a-z0-9])(?=[A-Z])', '_', name).lower()
     if name.startswith('scaled_dot_product'):
         return 'scaled_dot_product_attention'
@@ -281,6 +285,7 @@ class _NodeRecorder(TorchFunctionMode):
         self.tracker = tracker
         self.origin = {}
         self.neutral = set()
+        self.fills = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
@@ -289,7 +294,22 @@ class _NodeRecorder(TorchFunctionMode):
             self._record(result, current)
             if getattr(func, '__name__', None) in self._ADDITIONS and self._adds_zero(args):
                 self.neutral.add(result.grad_fn)
+            if getattr(func, '__name__', None) in ('masked_fill', 'masked_fill_') and \
+                    self._is_mask_fill(args, kwargs, result):
+                self.fills.add(result.grad_fn)
         return result
+
+    @staticmethod
+    def _is_mask_fill(args, kwargs, result):
+        '''Whether a ``masked_fill`` fills with a masking value (at most the softmax rule's threshold, e.g.
+        ``torch.finfo(dtype).min`` or ``-inf``).'''
+        value = args[2] if len(args) > 2 else (kwargs or {}).get('value')
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.requires_grad:
+                return False
+            value = value.item()
+        return isinstance(result, torch.Tensor) and result.is_floating_point() and \
+            isinstance(value, (int, float)) and value <= _mask_threshold(result.dtype)
 
     @staticmethod
     def _adds_zero(args):
@@ -337,6 +357,22 @@ class _Graph:
         self.order = self._topological(roots)
         self.reaches = self._reachability(inputs)
         self.origin = self._origins(recorded=origin)
+        self.consumers = {node: [] for node in self.children}
+        for node, children in self.children.items():
+            for child in children:
+                self.consumers[child].append(node)
+
+    def feeds_softmax(self, node):
+        '''Whether every consumer of ``node`` (through re-arrangements) is a softmax rule node.'''
+        consumers = self.consumers.get(node, [])
+        for consumer in consumers:
+            kind = type(consumer).__name__
+            if kind == _RELEVANCE_NODE:
+                if not isinstance(getattr(consumer, 'module', None), types.Softmax):
+                    return False
+            elif op_name(kind) not in PRESERVING_OPS or not self.feeds_softmax(consumer):
+                return False
+        return bool(consumers)
 
     def _topological(self, roots):
         '''Nodes in backward order: every node after all nodes that consume it.'''
@@ -396,7 +432,7 @@ def _hint(op, node, graph, module_type):
 
 def _findings(graph, neutral=()):
     '''Aggregate the uncovered, input-dependent nodes by (op, module), in backward order; ``neutral`` nodes (additions
-    of constant zeros) pass relevance unchanged and are not findings.
+    of constant zeros, mask fills before a softmax) pass relevance unchanged and are not findings.
     '''
     findings = {}
     nodes = rule_nodes = 0
@@ -478,7 +514,11 @@ def check(model, composite, *inputs, strict=False, **kwargs):
     roots = [tensor.grad_fn for tensor in _tensors(output) if tensor.grad_fn is not None]
     roots = list(dict.fromkeys(roots))
     graph = _Graph(roots, leaves, recorder.origin)
-    findings, nodes, rule_nodes = _findings(graph, recorder.neutral)
+    # filling attention scores with the masking value right before a softmax is exact: the softmax rule gives filled
+    # inputs zero relevance (they count as 0, AttnLRP Prop. 3.1), as it does through an additive mask and the ε-sum
+    # rule, and the plain gradient of masked_fill passes the relevance of the other inputs unchanged
+    fills = {node for node in recorder.fills if graph.feeds_softmax(node)}
+    findings, nodes, rule_nodes = _findings(graph, recorder.neutral | fills)
     report = CoverageReport(findings=findings, nodes=nodes, rule_nodes=rule_nodes)
     if strict and not report.ok:
         raise CoverageError(report)

@@ -9,7 +9,8 @@ from .engine import Engine
 from .families import declared_norm, detect_families, refusal
 from .rules import (
     AttnHook, AttentionRule, CPAttentionRule, CPMatMulRule, CPProductRule, Epsilon, Gamma, IdentityRule, IndexAddRule,
-    LayerNormRule, MatMulRule, MeanRule, ProductRule, RMSNormRule, RoPERule, SoftmaxRule, StopRule, SumRule,
+    LayerNormRule, MatMulRule, MeanRule, PoolRule, ProductRule, RenormalizeRule, RMSNormRule, RoPERule, SoftmaxRule,
+    StopRule, SumRule,
 )
 
 
@@ -25,12 +26,16 @@ def attnlrp_layer_map(epsilon=1e-6):
     return [
         (layers.AttentionCore, AttentionRule(epsilon=epsilon)),
         (layers.MatMul, MatMulRule(epsilon=epsilon)),
-        (types.Softmax, SoftmaxRule()),
+        # softmax modules of the model (torch.nn.Softmax) get no module rule: the engine sees their softmax call and
+        # chooses its rule by the role of the input (attention scores: AttentionSoftmax, which CP-LRP stops)
+        (layers.Softmax, SoftmaxRule()),
         (layers.Sum, SumRule(epsilon=epsilon)),
         (layers.IndexAdd, IndexAddRule(epsilon=epsilon)),
+        (layers.Renormalize, RenormalizeRule()),
         (layers.Product, ProductRule()),
         (layers.Scale, IdentityRule()),
         ((layers.Mean, layers.MaskedMean), MeanRule(epsilon=epsilon)),
+        (layers.AveragePool, PoolRule(epsilon=epsilon)),
         (layers.RotaryEmbedding, RoPERule(epsilon=epsilon)),
         (types.LayerNorm, LayerNormRule(epsilon=epsilon)),
         (types.RMSNorm, RMSNormRule()),
@@ -160,10 +165,19 @@ class AttentionComposite(Composite):
             )
             # first in the list, so that a failure below also removes the guards registered so far
             self.handles.append(engine)
-            for _, child, template in templates:
+            for name, child, template in templates:
                 if template is not None:
                     engine.guard(child)
                     hook = template.copy()
+                    if isinstance(hook, AttnHook):
+                        # the parameters the forward computed with (offloading hooks replace them after the forward)
+                        hook.forward_tensors = engine.forward_tensors
+                    elif any(tensor.is_meta for tensor in child.parameters(recurse=False)):
+                        raise UnsupportedModelError(
+                            f'module {name!r} ({type(child).__name__}): its parameters are offloaded (meta tensors, '
+                            f'e.g. by accelerate) and {type(hook).__name__} (from the layer map) reads them in the '
+                            'backward pass; use a zennit_attn.rules rule (Epsilon, Gamma, ...) for this type.'
+                        )
                     self.hook_refs.add(hook)
                     self.handles.append(hook.register(child))
             engine.register(module)
@@ -198,12 +212,24 @@ def _projection_roles(root, families):
     family declares as containing projections).'''
     declared = {name for family in families for name in family.projections}
     roles = {}
+
+    def mark(module):
+        for child in module.children():
+            # an MLP inside an attention module (timm's attention-pool head) keeps the MLP's rule
+            if type(child).__name__.endswith(_MLP_SUFFIXES):
+                continue
+            if isinstance(child, types.LinearLike):
+                roles[child] = 'attention_projection'
+            mark(child)
+
     for module in root.modules():
         if isinstance(module, types.Attention) or type(module).__name__ in declared:
-            for child in module.modules():
-                if isinstance(child, types.LinearLike):
-                    roles[child] = 'attention_projection'
+            mark(module)
     return roles
+
+
+#: class-name endings of MLP blocks (timm's Mlp/GluMlp/SwiGLU, Hugging Face *MLP)
+_MLP_SUFFIXES = ('Mlp', 'MLP', 'SwiGLU', 'FeedForward')
 
 
 def _check_model(module):

@@ -30,6 +30,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
 
 from . import layers, types
@@ -60,6 +61,8 @@ SAFE_OPS = frozenset({
     '__len__', '__iter__', '__format__', '__repr__', '__bool__', '__hash__', '__eq__', '__ne__', '__lt__', '__le__',
     '__gt__', '__ge__', '__reduce_ex__', '__deepcopy__', 'dropout', 'dropout1d', 'dropout2d', 'dropout3d',
     'alpha_dropout', 'feature_alpha_dropout', 'pad', 'interpolate',
+    # the values of topk / sort are a selection / permutation (mixture-of-experts routers pick the top-k weights)
+    'topk', 'sort',
 })
 
 ADD = frozenset({'add', '__add__', '__radd__', '__iadd__', 'add_'})
@@ -74,6 +77,9 @@ MATMUL = frozenset({'matmul', '__matmul__', 'bmm', 'mm'})
 RMATMUL = frozenset({'__rmatmul__'})
 SOFTMAX = frozenset({'softmax', '_softmax'})
 REDUCE = frozenset({'sum', 'mean'})
+#: average pooling, a linear map without bias (means over windows): the ε-rule of that map
+POOL = frozenset({'avg_pool1d', 'avg_pool2d', 'avg_pool3d', 'adaptive_avg_pool1d', 'adaptive_avg_pool2d',
+                  'adaptive_avg_pool3d'})
 INPLACE = frozenset({'__iadd__', 'add_', '__isub__', 'sub_', '__imul__', 'mul_', '__itruediv__', 'div_',
                      'true_divide_', 'neg_', 'negative_', 'index_add_'})
 #: element-wise activations called as functions: identity rule (AttnLRP Eq. 9), carried by their module class
@@ -100,6 +106,8 @@ _HINTS = {
     'group_norm': 'group norm has no AttnLRP rule',
     'embedding': 'embedding of a float input: attribute the embeddings (inputs_embeds) instead',
     'cumsum': 'cumulative sums (state-space models, ...) have no AttnLRP rule',
+    'grouped_mm': 'grouped expert products of a mixture-of-experts layer: load the model with '
+                  'experts_implementation="eager" (per-expert Linear calls)',
 }
 
 #: callbacks ``(site name, output tensor)`` called for every intercepted operation with a rule node (used by
@@ -247,15 +255,79 @@ class _RMSNormCall(torch.nn.RMSNorm):
         torch.nn.Module.__init__(self)
 
 
+# torch.utils.checkpoint re-runs a region of the forward in the backward pass (to recompute the tensors it dropped),
+# outside the window in which the mode is active. The recomputation must build exactly the rule nodes of the original
+# forward: non-reentrant checkpointing matches the tensors saved by the recomputation one by one, in order, to those
+# saved by the forward (a plain recomputation saves other tensors: an error at best, wrong relevance where shapes happen
+# to match), and reentrant checkpointing runs the region without gradients in the forward and backpropagates through its
+# recomputation. The engine finds the recompute function of each region while the region's forward runs and wraps it,
+# so that it runs inside the mode again, with the module stack of the original forward (Engine._watch_checkpoint).
+_REENTRANT_FORWARD = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+
+
+def _checkpoint_frame():
+    '''The ``_CheckpointFrame`` of the innermost non-reentrant checkpoint region whose original forward is running (its
+    saved-tensor hook is the innermost one), or None (also inside a recomputation).'''
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    pack = None if hooks is None else hooks[0]
+    if not getattr(pack, '_checkpoint_internal', False):
+        return None
+    while hasattr(pack, '__wrapped__'):
+        pack = pack.__wrapped__
+    code = getattr(pack, '__code__', None)
+    names = () if code is None else code.co_freevars
+    if 'frame' in names:
+        return pack.__closure__[names.index('frame')].cell_contents
+    if 'target_frame_ref' in names:
+        # the hook of a recomputation (whose rule nodes are built by the wrapped recompute function)
+        return None
+    raise UnsupportedOperationError(
+        f'gradient checkpointing of torch {torch.__version__} could not be recognised, so its recomputation in the '
+        'backward pass would run without AttnLRP rules; disable gradient checkpointing to explain the model.'
+    )
+
+
+def _reentrant_checkpoint():
+    '''The ``ctx`` of the innermost running ``CheckpointFunction.forward`` (reentrant checkpointing, which runs its
+    region without gradients), or None.'''
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _REENTRANT_FORWARD:
+            return frame.f_locals.get('ctx')
+        frame = frame.f_back
+    return None
+
+
 class _Frame:
-    '''One running module of the forward: its name, whether rules are suspended inside it and the op counters that
-    name its operation sites.'''
-    __slots__ = ('name', 'module', 'suspended', 'attention', 'counts', 'snapshot')
+    '''One running module of the forward: its name, whether rules are suspended inside it, whether gradients were
+    enabled when it started, the op counters that name its operation sites and, for a module with a module rule, the
+    parameters and buffers its forward computed with (``tensors``, by name).'''
+    __slots__ = ('name', 'module', 'suspended', 'attention', 'counts', 'snapshot', 'grad', 'tensors')
 
     def __init__(self, name, module, suspended, attention):
         self.name, self.module, self.suspended, self.attention = name, module, suspended, attention
         self.counts = {}
         self.snapshot = None
+        self.grad = torch.is_grad_enabled()
+        self.tensors = None
+
+    def record(self, args, kwargs):
+        '''Remember the module's own parameters and buffers among the tensors of a call of its forward: what it
+        computes with. (accelerate's offloading hooks put them in place right before the forward and replace them by
+        meta tensors right after it, before the module rule's forward hook runs.)'''
+        module = self.module
+        owned = {id(tensor): name for name, tensor in module._parameters.items() if tensor is not None}
+        owned.update((id(tensor), name) for name, tensor in module._buffers.items() if tensor is not None)
+        for tensor in _tensors((args, kwargs)):
+            name = owned.get(id(tensor))
+            if name is not None and not tensor.is_meta:
+                self.tensors[name] = tensor
+
+    def copy(self):
+        '''A copy with the same counters (the frame of a recomputed forward).'''
+        frame = _Frame(self.name, self.module, self.suspended, self.attention)
+        frame.counts, frame.grad = dict(self.counts), self.grad
+        return frame
 
 
 class _Mode(TorchFunctionMode):
@@ -342,7 +414,7 @@ class Engine:
     def _enter(self, module, args, kwargs):
         for tensor in list(_tensors(args)) + list(_tensors(kwargs)):
             if tensor.is_floating_point() and torch.is_grad_enabled() and tensor.requires_grad and \
-                    not bool(torch.isfinite(tensor).all()):
+                    not bool(torch.isfinite(tensor.detach()).all()):
                 raise ValueError(
                     f'{type(module).__name__}: the input contains NaN or infinite values; every relevance would be '
                     'NaN. Clean the input first.'
@@ -369,12 +441,16 @@ class Engine:
                 )
 
     def _push(self, module, args, kwargs):
+        self._watch_checkpoint()
         if not self.stack:
             self._enter(module, args, kwargs)
         parent = self.stack[-1] if self.stack else None
-        suspended = self.ruled(module) or (parent is not None and parent.suspended)
+        ruled = self.ruled(module)
+        suspended = ruled or (parent is not None and parent.suspended)
         attention = self.is_attention(module) or (parent is not None and parent.attention)
         frame = _Frame(self.names.get(module, type(module).__name__), module, suspended, attention)
+        if ruled:
+            frame.tensors = {}
         if module in self.guarded:
             frame.snapshot = self._versions(args)
         self.stack.append(frame)
@@ -388,6 +464,66 @@ class Engine:
                 self._tag(tensor, 'gate')
         if not self.stack and self.depth:
             self._exit(module, output)
+
+    def forward_tensors(self, module):
+        '''``(name, tensors)`` of the running call of ``module`` (a module with a module rule, called from its forward
+        hook): its qualified name and the parameters and buffers (by name) that its forward computed with.'''
+        frame = self.stack[-1] if self.stack else None
+        if frame is None or frame.module is not module or frame.tensors is None:
+            return self.names.get(module), {}
+        return frame.name, frame.tensors
+
+    def _watch_checkpoint(self):
+        '''Wrap the recompute function of a gradient checkpointing region whose forward runs now, once, so that its
+        recomputation in the backward pass runs inside the mode with the current module stack (called before a module
+        is pushed and before an operation runs: the first call in a region sees the stack of the region's start).'''
+        if torch.is_grad_enabled():
+            record, attribute, reentrant = _checkpoint_frame(), 'recompute_fn', False
+        elif not self.stack or self.stack[-1].grad:
+            # reentrant checkpointing runs its region without gradients (a region starts where they are switched off)
+            record, attribute, reentrant = _reentrant_checkpoint(), 'run_function', True
+        else:
+            return
+        # (CheckpointFunction.forward sets ctx.run_function after its first torch calls)
+        function = getattr(record, attribute, None)
+        if function is None or getattr(record, '_zennit_attn_engine', None) is self:
+            return
+        stack = [frame.copy() for frame in self.stack]
+
+        def recompute(*args, **kwargs):
+            return self._recompute(function, stack, reentrant, args, kwargs)
+        setattr(record, attribute, recompute)
+        record._zennit_attn_engine = self
+
+    def _recompute(self, function, stack, reentrant, args, kwargs):
+        '''Run ``function``, a checkpointed region of the forward recomputed in the backward pass, inside the mode with
+        the module stack ``stack`` of the original forward, so that it builds the same rule nodes.'''
+        if not self.handles:
+            raise UnsupportedOperationError(
+                'gradient checkpointing recomputes part of the forward in the backward pass, but the composite was '
+                'removed after the forward; compute the relevance while the composite is registered.'
+            )
+        saved = self.stack, self._masks, self.on_probabilities
+        self.stack, self._masks = [frame.copy() for frame in stack], {}
+        listeners = None
+        if not reentrant:
+            # only the saved tensors of a non-reentrant recomputation are used, its graph never sees relevance: nothing
+            # may be recorded twice
+            listeners = op_listeners.set(())
+            if self.on_probabilities is not None:
+                self.on_probabilities = lambda probabilities: None
+        if stack:
+            self.mode.__enter__()
+            self.depth += 1
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if stack:
+                self.depth -= 1
+                self.mode.__exit__(None, None, None)
+            self.stack, self._masks, self.on_probabilities = saved
+            if listeners is not None:
+                op_listeners.reset(listeners)
 
     @staticmethod
     def _versions(value):
@@ -444,10 +580,15 @@ class Engine:
         return tensor
 
     def _inherit(self, result, *operands):
-        '''Give ``result`` the role of its only input-dependent operand (scores stay scores when scaled or masked).'''
+        '''Give ``result`` the role of its only input-dependent operand (scores stay scores when scaled or masked), or
+        the role ``'scores'`` if all its input-dependent operands are scores (DeBERTa sums content-to-content,
+        content-to-position and position-to-content scores: without the role its softmax would not be the attention's,
+        and CP-LRP would propagate through it).'''
         roles = [self._role(operand) for operand in operands if _differentiable(operand) and _is_variable(operand)]
         if len(roles) == 1 and roles[0] is not None:
             self._tag(result, roles[0])
+        elif len(roles) > 1 and all(role == 'scores' for role in roles):
+            self._tag(result, 'scores')
         return result
 
     @staticmethod
@@ -459,8 +600,11 @@ class Engine:
         '''Run one torch call of the forward: with a rule node if it is a glue op on the relevance path.'''
         frame = self.stack[-1] if self.stack else None
         if frame is not None and frame.suspended:
+            if frame.tensors is not None:
+                frame.record(args, kwargs)
             return func(*args, **kwargs)
         name = _name(func)
+        self._watch_checkpoint()
         if self.rule_for is None:
             return self._record(name, func, args, kwargs, frame)
         if not torch.is_grad_enabled():
@@ -497,6 +641,9 @@ class Engine:
         role = next((self._role(arg) for arg in args if self._role(arg) is not None), None)
         if role is not None and isinstance(result, torch.Tensor):
             self._tag(result, role)
+        elif role is not None and name in ('topk', 'sort'):
+            # (values, indices): the selected routing weights stay gates
+            self._tag(result[0], role)
         return result
 
     def _location(self):
@@ -665,16 +812,23 @@ class Engine:
             result._zennit_attn_factor = (a, b) if variable[0] else (b, a)
         return result
 
-    def _div(self, name, func, args, kwargs):
+    def _div(self, name, func, args, kwargs, dividend=None):
         if name in INPLACE:
             return self._inplace(name, func, args, kwargs, lambda copy: self._div(
-                'div', torch.div, (copy,) + tuple(args[1:]), kwargs))
+                'div', torch.div, (copy,) + tuple(args[1:]), kwargs, dividend=args[0]))
         bound = _bind(('input', 'other'), args, kwargs, {'rounding_mode': None})
         output = func(*args, **kwargs)
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return output
         a, b = bound['input'], bound['other']
         if isinstance(b, torch.Tensor) and _differentiable(b) and _is_variable(b):
+            # x / x.sum(dim, keepdim=True) (``dividend``: the tensor an in-place division modifies, of which ``a`` is
+            # a copy), neither changed in place since the sum: a re-normalisation, e.g. of a router's top-k weights;
+            # any other divisor has no rule
+            summed, dim, versions = getattr(b, '_zennit_attn_sum_of', (None, None, None))
+            if summed is not None and summed is (a if dividend is None else dividend) and \
+                    versions == (summed._version, b._version) and bound['rounding_mode'] is None:
+                return self._inherit(self._attach(name, layers.Renormalize(dim), (a,), output), a)
             return self._unknown('div', lambda: output, (), {}, force=True)
         if bound['rounding_mode'] is not None and _differentiable(a) and _is_variable(a):
             return self._unknown(f'div(rounding_mode={bound["rounding_mode"]!r})', lambda: output, (), {}, force=True)
@@ -745,7 +899,9 @@ class Engine:
         attention = self._role(x) == 'scores'
         carrier = (layers.AttentionSoftmax if attention else layers.Softmax)(dim=dim, dtype=bound['dtype'])
         result = self._attach('softmax', carrier, (x,), output)
-        return self._tag(result, 'probabilities') if attention else result
+        # any other softmax weighs something (a mixture-of-experts router): a gate, which CP-LRP treats as constant in
+        # the product it weighs
+        return self._tag(result, 'probabilities' if attention else 'gate')
 
     def _reduce(self, name, func, args, kwargs):
         bound = _bind(('input', 'dim', 'keepdim'), args, kwargs, {'dim': None, 'keepdim': False})
@@ -757,6 +913,17 @@ class Engine:
         if dim is None:
             dim = tuple(range(x.ndim))
         carrier = layers.Mean(dim=dim, keepdim=bound['keepdim'])
+        result = self._attach(name, carrier, (x,), output)
+        if name == 'sum' and bound['keepdim'] and result is not output:
+            # the divisor of a re-normalisation x / x.sum(dim, keepdim=True), see _div
+            result._zennit_attn_sum_of = (x, dim, (x._version, result._version))
+        return result
+
+    def _pool(self, name, func, args, kwargs):
+        output = func(*args, **kwargs)
+        options = dict(kwargs)
+        x = args[0] if args else options.pop('input')
+        carrier = layers.AveragePool(func, *args[1:], **options)
         return self._attach(name, carrier, (x,), output)
 
     def _activation(self, name, func, args, kwargs):
@@ -1023,7 +1190,7 @@ class Engine:
 for _names, _method in (
     (ADD, Engine._add), (SUB, Engine._sub), (RSUB, Engine._rsub), (MUL, Engine._mul), (DIV, Engine._div),
     (RDIV, Engine._rdiv), (NEG, Engine._neg), (POS, Engine._pos), (MATMUL, Engine._matmul),
-    (RMATMUL, Engine._rmatmul), (SOFTMAX, Engine._softmax), (REDUCE, Engine._reduce),
+    (RMATMUL, Engine._rmatmul), (SOFTMAX, Engine._softmax), (REDUCE, Engine._reduce), (POOL, Engine._pool),
     (('linear',), Engine._linear), (('addmm',), Engine._addmm), (('conv1d', 'conv2d', 'conv3d'), Engine._conv),
     (('layer_norm',), Engine._layer_norm), (('rms_norm',), Engine._rms_norm),
     (('scaled_dot_product_attention',), Engine._sdpa), (('index_add', 'index_add_'), Engine._index_add),

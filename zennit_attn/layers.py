@@ -137,6 +137,30 @@ class Mean(torch.nn.Module):
         return f'dim={self.dim}, keepdim={self.keepdim}'
 
 
+class AveragePool(torch.nn.Module):
+    '''Average pooling ``function(x, *args, **kwargs)`` with one of ``F.avg_pool1d/2d/3d`` or
+    ``F.adaptive_avg_pool1d/2d/3d`` and its arguments (kernel size, stride, padding, ... or output size): a linear map
+    without bias, each output the mean of a window of the input (windows may overlap; padding adds zeros).
+
+    Parameters
+    ----------
+    function: callable
+        The pooling function.
+    *args, **kwargs:
+        Its arguments after the input.
+    '''
+    def __init__(self, function, *args, **kwargs):
+        super().__init__()
+        self.function, self.args, self.kwargs = function, args, kwargs
+
+    def forward(self, x):
+        '''Compute ``function(x, *args, **kwargs)``.'''
+        return self.function(x, *self.args, **self.kwargs)
+
+    def extra_repr(self):
+        return f'function={getattr(self.function, "__name__", self.function)}, args={self.args}, kwargs={self.kwargs}'
+
+
 class AttentionScores(MatMul):
     '''Attention scores ``scale * q @ k^T`` (a :py:class:`MatMul` that CP-LRP treats as constant).'''
 
@@ -252,6 +276,27 @@ class IndexAdd(torch.nn.Module):
 
     def extra_repr(self):
         return f'dim={self.dim}, alpha={self.alpha}'
+
+
+class Renormalize(torch.nn.Module):
+    '''Re-normalisation ``x / x.sum(dim, keepdim=True)`` (the top-k routing weights of a mixture-of-experts router,
+    re-normalised to sum to 1).
+
+    Parameters
+    ----------
+    dim: int or tuple[int]
+        Dimension(s) of the sum.
+    '''
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        '''Compute ``x / x.sum(dim, keepdim=True)``.'''
+        return x / x.sum(self.dim, keepdim=True)
+
+    def extra_repr(self):
+        return f'dim={self.dim}'
 
 
 class GatedProduct(Product):

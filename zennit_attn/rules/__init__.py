@@ -14,14 +14,14 @@ from .machinery import (  # noqa: F401
 )
 from .attention import AttentionRule, CPAttentionRule, CPMatMulRule, MatMulRule, SoftmaxRule
 from .elementwise import (
-    CPProductRule, IdentityRule, IndexAddRule, LayerNormRule, MeanRule, ProductRule, RMSNormRule, RoPERule, StopRule,
-    SumRule,
+    CPProductRule, IdentityRule, IndexAddRule, LayerNormRule, MeanRule, PoolRule, ProductRule, RenormalizeRule,
+    RMSNormRule, RoPERule, StopRule, SumRule,
 )
 from .linear import Epsilon, Gamma
 
 
 __all__ = [
     'AttnHook', 'IdentityRule', 'SoftmaxRule', 'MatMulRule', 'ProductRule', 'SumRule', 'LayerNormRule', 'RMSNormRule',
-    'RoPERule', 'MeanRule', 'CPMatMulRule', 'CPProductRule', 'IndexAddRule', 'StopRule', 'AttentionRule',
-    'CPAttentionRule', 'Epsilon', 'Gamma', 'SignStabilizer',
+    'RoPERule', 'MeanRule', 'PoolRule', 'CPMatMulRule', 'CPProductRule', 'IndexAddRule', 'RenormalizeRule', 'StopRule',
+    'AttentionRule', 'CPAttentionRule', 'Epsilon', 'Gamma', 'SignStabilizer',
 ]

@@ -144,6 +144,25 @@ class MeanRule(AttnHook):
         return (rel_x,) if len(inputs) == 1 else (rel_x, None)
 
 
+class PoolRule(AttnHook):
+    '''ε-rule for average pooling (:py:class:`zennit_attn.layers.AveragePool`, ``avg_pool*d`` and
+    ``adaptive_avg_pool*d``), a linear map ``y = P x`` without bias (each output the mean of a window): AttnLRP Eq. 8
+    on that map, ``R_x = x * P^T (R / stab(y))``, with ``P^T`` the pooling's own vector-Jacobian product (any window
+    layout, overlap, padding or divisor). Conservative up to ε: ``sum R_x = sum R * y / stab(y)``. (The ε of
+    :py:class:`MeanRule` stabilizes the window sum instead of the mean; the two agree as ε -> 0.)
+    '''
+    num_inputs = 1
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        (x,) = inputs
+        ratio = relevance / self.stabilizer(output)
+        # P^T ratio: the gradient of the (linear) pooling at any point, here 0
+        with torch.enable_grad():
+            probe = torch.zeros_like(x, requires_grad=True)
+            (transposed,) = torch.autograd.grad(module(probe), probe, ratio)
+        return (x * transposed,)
+
+
 class LayerNormRule(AttnHook):
     '''LayerNorm rule (AttnLRP Prop. 3.4): the standard deviation is held constant and the remaining linear map gets
     the ε-rule. With ``u = gamma * R / stab(y) / sigma``, ``R_x = x * (u - mean(u))``; the bias ``beta`` absorbs its
@@ -153,6 +172,7 @@ class LayerNormRule(AttnHook):
     num_inputs = 1
     # the output is recomputed from the input in the backward pass
     saves_output = False
+    parameters = ('weight', 'bias')
 
     def _check_call(self, module, args, kwargs):
         super()._check_call(module, args, kwargs)
@@ -219,6 +239,31 @@ class IndexAddRule(AttnHook):
         if variable[1]:
             rel_source = source * ratio.index_select(module.dim, module.index) * module.alpha
         return rel_target, rel_source
+
+
+class RenormalizeRule(AttnHook):
+    '''Rule for a re-normalisation ``y = x / sum_d x`` (:py:class:`~zennit_attn.layers.Renormalize`, the re-normalised
+    top-k weights of a mixture-of-experts router): the ε-rule of the whole map (its gradient times input, as the
+    softmax rule is for the softmax, AttnLRP Prop. 3.1), ``R_x = x * J^T (R / y) = R - y * sum_d(R)``, in closed form
+    (no division, so no stabilizer). Not conservative by design: ``y`` does not change when ``x`` is scaled, so
+    ``sum_d(R_x) = 0``. After a top-k selection of softmax probabilities, the softmax rule then gives the unselected
+    logits no relevance and the selected ones exactly the softmax rule of the softmax over the selected logits, which
+    the re-normalised weights are.
+    '''
+    num_inputs = 1
+    uses_epsilon = False
+    saves_inputs = False
+
+    def __init__(self):
+        super().__init__(epsilon=1e-6)
+
+    def _check_call(self, module, args, kwargs):
+        super()._check_call(module, args, kwargs)
+        if getattr(module, 'dim', None) is None:
+            raise TypeError(f'RenormalizeRule on {type(module).__name__}: the module needs an attribute `dim`.')
+
+    def relevance(self, module, inputs, output, relevance, variable):
+        return (relevance - output * relevance.sum(module.dim, keepdim=True),)
 
 
 class StopRule(AttnHook):
