@@ -40,7 +40,7 @@ def test_relevance_of_encoder_and_decoder_tokens_conserves_the_logit(family):
     )
     assert result.relevance.shape == (2, ENCODER) and result.decoder_relevance.shape == (2, DECODER)
     assert result.position.tolist() == [DECODER - 1] * 2
-    logits = result.logits[torch.arange(2), result.position, result.target]
+    logits = result.logits[torch.arange(2), result.target]
     totals = result.relevance.sum(1) + result.decoder_relevance.sum(1)
     assert torch.allclose(totals, logits, rtol=1e-8, atol=1e-12), (totals, logits)
     # both sides carry relevance, and the encoder's padding none

@@ -38,7 +38,7 @@ def test_each_row_equals_the_attribution_of_that_token_alone(llama):
         assert torch.allclose(result.relevance[row, :position], alone.relevance[0], rtol=1e-9, atol=1e-14)
         # causal: nothing for the token itself and the tokens after it
         assert torch.all(result.relevance[row, position:] == 0)
-        assert result.target_values[row] == pytest.approx(float(alone.logits[0, -1, alone.target[0]]), rel=1e-12)
+        assert result.target_values[row] == pytest.approx(float(alone.logits[0, alone.target[0]]), rel=1e-12)
 
 
 def test_generated_tokens_are_the_greedy_continuation(llama):

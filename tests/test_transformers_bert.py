@@ -422,8 +422,8 @@ def test_token_relevance_per_token_logits(kind, padding):
     result = token_relevance(model, AttnLRP(), input_ids, attention_mask, contrast=3)
     expected_position = [6, 4] if padding == 'right' else [6, 6]
     assert result.position.tolist() == expected_position
-    logits = result.logits[torch.arange(2), result.position]
-    assert torch.equal(result.target, logits.argmax(-1))
+    assert result.logits.shape == (2, 11)  # the explained positions' logits only
+    assert torch.equal(result.target, result.logits.argmax(-1))
     explicit = token_relevance(model, AttnLRP(), input_ids, attention_mask, target=result.target,
                                position=torch.tensor(expected_position) - 7, contrast=3)
     assert torch.allclose(explicit.relevance, result.relevance, rtol=0, atol=0)
@@ -444,7 +444,8 @@ def test_token_relevance_causal_lm():
     for composite_type in COMPOSITES:
         result = token_relevance(model, composite_type(), input_ids, attention_mask, contrast=3)
         assert result.position.tolist() == [6, 6]
-        assert torch.equal(result.target, result.logits[:, -1].argmax(-1))
+        assert result.logits.shape == (2, 40)  # computed at the explained position only (logits_to_keep)
+        assert torch.equal(result.target, result.logits.argmax(-1))
         assert torch.isfinite(result.relevance).all()
         assert torch.all(result.relevance[attention_mask == 0] == 0)
     input_ids, attention_mask, _ = text_batch(padding='right')

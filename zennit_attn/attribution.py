@@ -25,7 +25,8 @@ class TokenRelevance(NamedTuple):
     embedding_relevance: :py:obj:`torch.Tensor`
         The relevance at the input embeddings, shape ``(batch, tokens, hidden)``, in the model's dtype.
     logits: :py:obj:`torch.Tensor`
-        The model's logits: ``(batch, classes)`` for classifiers, ``(batch, tokens, vocabulary)`` for language models.
+        The model's logits: ``(batch, classes)`` for classifiers; for language models only those at the explained
+        position, ``(batch, vocabulary)`` (causal language models compute no others, via ``logits_to_keep``).
     target: :py:obj:`torch.Tensor`
         The explained class or token id per sample, shape ``(batch,)``.
     position: :py:obj:`torch.Tensor` or None
@@ -150,6 +151,62 @@ def _position_ids(model, input_ids):
     return None
 
 
+class _NonFinite(Exception):
+    '''Raised from the seed function when the explained logits are not finite.'''
+
+
+def _declares(model, name):
+    '''Whether ``model.forward`` names the keyword argument ``name`` explicitly (not through ``**kwargs``).'''
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+def _positions(position, mask, batch, length, device):
+    '''The explained position per sample: the last non-padding one by default; explicit ones are checked (negative
+    values count from the end).'''
+    if position is None:
+        return last_positions(mask, batch, length, device)
+    positions = per_sample(position, batch, 'position', device)
+    if bool(((positions < -length) | (positions >= length)).any()):
+        raise ValueError(f'token_relevance: position {positions.tolist()} is out of range for {length} tokens')
+    return positions % length
+
+
+def _class_ids(value, batch, name, device, classes):
+    '''A class / token id per sample, checked against the number of classes (no negative indices).'''
+    ids = per_sample(value, batch, name, device)
+    if bool(((ids < 0) | (ids >= classes)).any()):
+        raise ValueError(f'token_relevance: {name} {ids.tolist()} is not in [0, {classes}) (the logits have {classes} '
+                         'entries)')
+    return ids
+
+
+def first_non_finite(wrapper, inputs_embeds):
+    '''Name the first hidden state that is not finite when ``wrapper`` (an :py:class:`EmbeddingsForward`) runs on
+    ``inputs_embeds``, for a clear error; None if it cannot be found.'''
+    kwargs = dict(wrapper.kwargs, output_hidden_states=True)
+    kwargs.pop('logits_to_keep', None)
+    try:
+        with torch.no_grad():
+            if isinstance(wrapper, EncoderDecoderForward):
+                split = wrapper.encoder_length
+                output = wrapper.model(inputs_embeds=inputs_embeds[:, :split],
+                                       decoder_inputs_embeds=inputs_embeds[:, split:], **kwargs)
+            else:
+                output = wrapper.model(inputs_embeds=inputs_embeds, **kwargs)
+    except Exception:  # the diagnosis must not hide the original problem
+        return None
+    for key in ('encoder_hidden_states', 'decoder_hidden_states', 'hidden_states'):
+        states = output.get(key) if isinstance(output, dict) else getattr(output, key, None)
+        for index, state in enumerate(states or ()):
+            if not torch.isfinite(state).all():
+                side = key.split('_')[0] + ' ' if key != 'hidden_states' else ''
+                return f'{side}embeddings' if index == 0 else f'{side}layer {index - 1} (hidden_states[{index}])'
+    return None
+
+
 def per_sample(value, batch, name, device):
     '''``value`` (int, sequence or tensor) as a long tensor of shape ``(batch,)``.'''
     value = torch.as_tensor(value, dtype=torch.long, device=device)
@@ -267,6 +324,7 @@ def token_relevance(
     with torch.no_grad():
         inputs_embeds = embedding(input_ids)
 
+    keep = None
     if encoder_decoder:
         with torch.no_grad():
             decoder_embeds = _decoder_embedding(model)(decoder_input_ids)
@@ -283,20 +341,23 @@ def token_relevance(
         # positions index the decoder tokens
         position_mask, position_length = decoder_attention_mask, decoder_input_ids.shape[1]
     else:
+        position_mask, position_length = attention_mask, length
+        if _declares(model, 'logits_to_keep'):
+            # a causal LM: compute the logits of the explained positions only (vocabulary-sized rows are big)
+            keep = torch.unique(_positions(position, position_mask, batch, position_length, device))
         wrapper = EmbeddingsForward(
             model, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            position_ids=_position_ids(model, input_ids),
+            position_ids=_position_ids(model, input_ids), logits_to_keep=keep,
         )
-        position_mask, position_length = attention_mask, length
     resolved = {}
+    rows = torch.arange(batch, device=device)
 
     def seed(output):
         logits = output.detach()
         if logits.ndim == 3:
-            positions = last_positions(position_mask, batch, position_length, device) if position is None else (
-                per_sample(position, batch, 'position', device) % position_length
-            )
-            selected = logits[torch.arange(batch, device=device), positions]
+            positions = _positions(position, position_mask, batch, position_length, device)
+            index = positions if keep is None else torch.searchsorted(keep, positions)
+            selected = logits[rows, index]
         elif logits.ndim == 2:
             if position is not None:
                 raise ValueError('token_relevance: position is only meaningful for per-token logits (B, T, V)')
@@ -305,23 +366,41 @@ def token_relevance(
             raise ValueError(
                 f'token_relevance: expected logits of shape (B, C) or (B, T, V), got {tuple(logits.shape)}'
             )
-        goal = selected.argmax(-1) if target is None else per_sample(target, batch, 'target', device)
+        if not torch.isfinite(selected).all():
+            raise _NonFinite()
+        classes = selected.shape[-1]
+        goal = selected.argmax(-1) if target is None else _class_ids(target, batch, 'target', device, classes)
         onehot = torch.zeros_like(selected)
-        onehot[torch.arange(batch, device=device), goal] = 1.
+        onehot[rows, goal] = 1.
         against = None
         if contrast is not None:
-            against = per_sample(contrast, batch, 'contrast', device)
-            onehot[torch.arange(batch, device=device), against] -= 1.
+            against = _class_ids(contrast, batch, 'contrast', device, classes)
+            if bool((against == goal).any()):
+                same = (against == goal).nonzero().flatten().tolist()
+                raise ValueError(
+                    f'token_relevance: contrast equals the target for sample(s) {same}; the explained difference would '
+                    'be zero. Choose another contrast.'
+                )
+            onehot[rows, against] -= 1.
         weight = torch.zeros_like(logits)
         if positions is None:
             weight = onehot
         else:
-            weight[torch.arange(batch, device=device), positions] = onehot
-        resolved.update(logits=logits, target=goal, position=positions, contrast=against)
+            weight[rows, index] = onehot
+        resolved.update(logits=selected, target=goal, position=positions, contrast=against)
         return logits * weight
 
-    with Gradient(wrapper, composite) as attributor:
-        _, embedding_relevance = attributor(inputs_embeds, seed)
+    try:
+        with Gradient(wrapper, composite) as attributor:
+            _, embedding_relevance = attributor(inputs_embeds, seed)
+    except (_NonFinite, ValueError) as error:
+        if not isinstance(error, _NonFinite) and 'produced NaN' not in str(error):
+            raise
+        where = first_non_finite(wrapper, inputs_embeds)
+        raise ValueError(
+            f'token_relevance: the logits of {type(model).__name__} are not finite (first non-finite hidden state: '
+            f'{where or "unknown"}); in float16 this is usually an overflow: use bfloat16 or float32.'
+        ) from None
     summed_dtype = torch.float64 if embedding_relevance.dtype == torch.float64 else torch.float32
     decoder_part = {}
     if encoder_decoder:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .attribution import EmbeddingsForward, EncoderDecoderForward, _accepts, _decoder_embedding, _is_encoder_decoder
+from .attribution import _declares, first_non_finite
 
 
 __all__ = ['GenerationAttribution', 'explain_generation', 'TARGETS']
@@ -321,20 +322,6 @@ def _seed(logits, tokens, target, contrast):
     return seed, seed.sum(-1)
 
 
-def _first_non_finite(model, call):
-    '''Name the first hidden state of ``model`` that is not finite (for a clear error), or None.'''
-    try:
-        with torch.no_grad():
-            output = call(output_hidden_states=True)
-    except Exception:  # the diagnosis must not hide the original problem
-        return None
-    states = getattr(output, 'decoder_hidden_states', None) or getattr(output, 'hidden_states', None)
-    for index, state in enumerate(states or ()):
-        if not torch.isfinite(state).all():
-            return 'the embeddings' if index == 0 else f'layer {index - 1} (hidden_states[{index}])'
-    return None
-
-
 def _prepare(model, tokenizer, prompt, input_ids, attention_mask):
     if (prompt is None) == (input_ids is None):
         raise ValueError('explain_generation: pass either prompt (with a tokenizer) or input_ids')
@@ -490,7 +477,7 @@ def explain_generation(
         options = dict(attention_mask=full_mask)
         if _accepts(model, 'position_ids'):
             options['position_ids'] = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        keep = steps + 1 if _accepts(model, 'logits_to_keep') else None
+        keep = steps + 1 if _declares(model, 'logits_to_keep') else None
         if keep is not None:
             options['logits_to_keep'] = keep
         with torch.no_grad():
@@ -507,7 +494,7 @@ def explain_generation(
                 raise
             logits = None
         if logits is None or not torch.isfinite(logits).all():
-            where = _first_non_finite(model, lambda **extra: _call(wrapper, embeds, **extra))
+            where = first_non_finite(wrapper, embeds)
             raise ValueError(
                 f'explain_generation: the model\'s logits are not finite (first non-finite hidden state: '
                 f'{where or "unknown"}); in float16 this is usually an overflow: use bfloat16 or float32.'
@@ -558,16 +545,6 @@ def explain_generation(
             composite=type(composite).__name__,
         ))
     return results[0] if single else results
-
-
-def _call(wrapper, embeds, **extra):
-    '''``wrapper``'s model call with extra keyword arguments (for the non-finite diagnosis).'''
-    kwargs = dict(wrapper.kwargs, **extra)
-    kwargs.pop('logits_to_keep', None)
-    if isinstance(wrapper, EncoderDecoderForward):
-        split = wrapper.encoder_length
-        return wrapper.model(inputs_embeds=embeds[:, :split], decoder_inputs_embeds=embeds[:, split:], **kwargs)
-    return wrapper.model(inputs_embeds=embeds, **kwargs)
 
 
 def _generated_lengths(model, generated):
