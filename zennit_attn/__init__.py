@@ -11,5 +11,7 @@ from .check import CoverageError, CoverageReport, check  # noqa: F401
 from .conservation import conservation_report  # noqa: F401
 from .latent import record_relevance  # noqa: F401
 from .similarity import SimilarityRelevance, explain_similarity  # noqa: F401
+# registers 'attnlrp' and 'cp_lrp' in Inseq when Inseq is imported (does not import it)
+from . import integrations  # noqa: F401
 
 __version__ = '0.1.0'
