@@ -62,11 +62,13 @@ def test_each_side_conserves_on_bias_free_model(kind, implementation):
     model = bias_free(two_tower(kind, implementation)(), absorbing(kind))
     images, ids, mask = inputs(model)
     result = explain_similarity(model, CPLRP(epsilon=1e-12), images, ids, mask, pairs=PAIRS)
-    assert result.explained.abs().min() > 1e-2
+    assert result.explained.abs().min() > 1e-4  # non-trivial (random weights differ between transformers releases)
+    # the ε-stabilisers absorb an absolute amount: relative to the largest similarity, not to a tiny one
+    atol = 1e-8 * result.explained.abs().max().item()
     for relevance in (result.image_relevance, result.patch_relevance, result.embedding_relevance):
         totals = relevance.flatten(1).sum(1)
-        assert torch.allclose(totals, result.explained, rtol=1e-8, atol=1e-12), (totals, result.explained)
-    assert torch.allclose(result.token_relevance.sum(1), result.explained, rtol=1e-8, atol=1e-12)
+        assert torch.allclose(totals, result.explained, rtol=1e-8, atol=atol), (totals, result.explained)
+    assert torch.allclose(result.token_relevance.sum(1), result.explained, rtol=1e-8, atol=atol)
 
 
 @pytest.mark.parametrize('kind', KINDS)
