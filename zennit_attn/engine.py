@@ -268,7 +268,8 @@ _REENTRANT_FORWARD = torch.utils.checkpoint.CheckpointFunction.forward.__code__
 def _checkpoint_frame():
     '''The ``_CheckpointFrame`` of the innermost non-reentrant checkpoint region whose original forward is running (its
     saved-tensor hook is the innermost one), or None (also inside a recomputation).'''
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    top = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
+    hooks = None if top is None else top(False)
     pack = None if hooks is None else hooks[0]
     if not getattr(pack, '_checkpoint_internal', False):
         return None

@@ -88,6 +88,7 @@ class Epsilon(AttnHook):
         ``'bias'`` to compute ``z`` without the bias (as Zennit's ``zero_params``).
     '''
     num_inputs = 1
+    parameters = ('weight', 'bias')
 
     def __init__(self, epsilon=1e-6, zero_params=None):
         super().__init__(epsilon=epsilon)

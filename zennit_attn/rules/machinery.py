@@ -1,5 +1,7 @@
 '''The machinery of the closed-form rules: the hook base class, the autograd node that carries a rule, the stabilizer
 and the test whether a tensor depends on the model input.'''
+import copy
+
 import torch
 from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
 
@@ -145,6 +147,12 @@ class AttnHook(Hook):
     #: whether :py:meth:`relevance` reads the values of the inputs / the output (else it gets meta tensors)
     saves_inputs = True
     saves_output = True
+    #: names of the module's parameters and buffers that :py:meth:`relevance` reads (see :py:meth:`forward_module`)
+    parameters = ()
+    #: ``forward_tensors(module) -> (name, {parameter name: tensor})``: the qualified name of a running module call and
+    #: the parameters and buffers its forward computed with (set by the composite to its engine's
+    #: :py:meth:`~zennit_attn.engine.Engine.forward_tensors`), or None
+    forward_tensors = None
 
     def __init__(self, epsilon=1e-6):
         super().__init__()
@@ -232,7 +240,37 @@ class AttnHook(Hook):
                 f'{type(self).__name__} on {type(module).__name__}: the module returned {type(output).__name__}, '
                 'but rules need a single tensor output.'
             )
+        if self.parameters:
+            module = self.forward_module(module)
         return _RelevanceFunction.apply(self, module, variable, [output.detach()], *args)
+
+    def forward_module(self, module):
+        '''``module`` as its forward computed, for the backward pass: if a parameter or buffer that
+        :py:meth:`relevance` reads was replaced since the forward used it (accelerate's offloading hooks put a meta
+        tensor in its place right after the forward), a shallow copy of the module holding the tensors the forward used
+        (as :py:attr:`forward_tensors` reports them; autograd keeps the same tensors for a plain gradient). A meta
+        placeholder whose forward tensor is unknown is refused: it would give garbage relevance.
+        '''
+        name, used = (None, {}) if self.forward_tensors is None else self.forward_tensors(module)
+        current = {key: getattr(module, key, None) for key in self.parameters}
+        replaced = {key: tensor for key, tensor in used.items() if key in current and tensor is not current[key]}
+        for key, value in current.items():
+            if key not in replaced and isinstance(value, torch.Tensor) and value.is_meta:
+                where = f'module {name!r} ({type(module).__name__})' if name else type(module).__name__
+                raise RuntimeError(
+                    f'{type(self).__name__} on {where}: its {key!r} is a placeholder on the meta device after the '
+                    'forward (offloaded, e.g. by accelerate) and the tensor its forward computed with is unknown, so '
+                    'the backward pass cannot read it. Register the rule through a zennit_attn composite (AttnLRP, '
+                    '...), whose engine records that tensor, or load the model without offloading.'
+                )
+        if not replaced:
+            return module
+        frozen = copy.copy(module)
+        parameters, buffers = dict(module._parameters), dict(module._buffers)
+        for key, tensor in replaced.items():
+            (buffers if key in buffers else parameters)[key] = tensor
+        frozen.__dict__['_parameters'], frozen.__dict__['_buffers'] = parameters, buffers
+        return frozen
 
     def backward_relevance(self, module, inputs, output, relevance_out, variable):
         '''Compute the relevance of every input from the relevance ``relevance_out`` of the output.'''
