@@ -116,3 +116,22 @@ def test_unsupported_torchvision_model_is_a_one_line_error(tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.strip().splitlines() if not line.startswith('note:')]
     assert len(lines) == 1 and "unsupported model: module 'bn1' (BatchNorm2d)" in lines[0]
+
+
+@pytest.mark.parametrize('args,message', [
+    (['explain', '--text', 'a fine film', '--generate', '3'],
+     '--generate apply to language models; default is a sequence classifier (MiniLM sentiment classifier)'),
+    (['explain', '--text', 'a fine film', '--target', 'log_probability'],
+     '--target log_probability applies to language models'),
+    (['explain', '{image}', '--contrast', '3'], '--contrast apply to --text only'),
+    (['explain', '{image}', '--target', 'probability'], '--target probability applies to language models'),
+    (['compare', '{image}', '--generate', '2'], '--generate, --continuation and --contrast apply to --text only'),
+])
+def test_language_model_options_are_refused_where_they_do_not_apply(tmp_path, capsys, args, message):
+    '''Options of language models given for the default classifier or an image: status 2, one line (in process).'''
+    image = tmp_path / 'image.png'
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(image)
+    capsys.readouterr()
+    status = main([arg.format(image=image) for arg in args] + ['-o', str(tmp_path / 'out')])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and message in lines[0], lines

@@ -1,4 +1,6 @@
 '''zennit_attn.methods: one interface for the baselines and the AttnLRP composites.'''
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -257,3 +259,199 @@ def test_rollout_on_non_vit_raises_not_implemented(method):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)).eval()
     with pytest.raises(NotImplementedError, match='torchvision VisionTransformer'):
         attribute(model, torch.randn(2, 3, 8, 8), 0, method)
+
+
+# ------------------------------------------------------------------------------------------------ generation targets
+def generation_model(kind='llama'):
+    from conformance import decoder, t5
+    return t5() if kind == 't5' else decoder('llama')()
+
+
+def generation_prompt(length=5, seed=7):
+    from conformance import generator
+    return torch.randint(2, 50, (length,), generator=generator(seed))
+
+
+def hand_value(logits, token, target):
+    '''The explained value written out independently of zennit_attn.methods.generation_target.'''
+    if target == 'logit':
+        return logits[token]
+    if target == 'probability':
+        return logits.exp()[token] / logits.exp().sum()
+    return logits[token] - logits.exp().sum().log()
+
+
+def prefix_input_x_gradient(model, source_ids, position, token, target, zero=False, encoder_length=None):
+    '''(x ⊙ ∂f/∂x summed over the hidden size, f(x)) on the prefix before ``position``, by its own forward pass.'''
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        if encoder_length is None:
+            x = embed(source_ids[None, :position])
+        else:
+            x = torch.cat([embed(source_ids[None, :encoder_length]),
+                           model.get_decoder().embed_tokens(source_ids[None, encoder_length:position])], 1)
+    x = (torch.zeros_like(x) if zero else x).requires_grad_(True)
+    if encoder_length is None:
+        logits = model(inputs_embeds=x).logits[0, -1]
+    else:
+        logits = model(inputs_embeds=x[:, :encoder_length], decoder_inputs_embeds=x[:, encoder_length:]).logits[0, -1]
+    value = hand_value(logits, token, target)
+    (grad,) = torch.autograd.grad(value, x)
+    return (x * grad).sum(-1)[0].detach(), float(value.detach())
+
+
+@pytest.mark.parametrize('target', ['logit', 'probability', 'log_probability'])
+def test_generation_input_x_gradient_rows_are_gradient_times_input_of_each_token(target):
+    '''Row i == x ⊙ ∂f_i/∂x of a hand loop (its own forward on the prefix before token i); nothing on later tokens.'''
+    from zennit_attn import explain_generation
+    model = generation_model()
+    result = explain_generation(model, input_ids=generation_prompt(), max_new_tokens=3, method='input_x_gradient',
+                                target=target)
+    assert result.relevance.shape == (3, 8) and result.composite == 'InputXGradient'
+    for row in range(3):
+        position = int(result.target_positions[row])
+        expected, value = prefix_input_x_gradient(model, result.source_ids, position, int(result.target_ids[row]),
+                                                  target)
+        assert torch.allclose(result.relevance[row, :position], expected, rtol=1e-9, atol=1e-14)
+        assert torch.all(result.relevance[row, position:] == 0)
+        assert float(result.target_values[row]) == pytest.approx(value, rel=1e-10)
+
+
+def test_generation_input_x_gradient_contrast_and_encoder_decoder():
+    '''A contrast explains f_t − f_c; for T5 the source is the encoder input followed by the decoder input.'''
+    from zennit_attn import explain_generation
+    model = generation_model()
+    ids = generation_prompt()
+    contrastive = explain_generation(model, input_ids=ids, continuation=[7, 8], contrast=9, method='input_x_gradient')
+    for row, token in enumerate((7, 8)):
+        position = int(contrastive.target_positions[row])
+        first, _ = prefix_input_x_gradient(model, contrastive.source_ids, position, token, 'logit')
+        second, _ = prefix_input_x_gradient(model, contrastive.source_ids, position, 9, 'logit')
+        # one backward of z_t − z_c vs two: LlamaRMSNorm computes in float32 even for float64 models
+        assert torch.allclose(contrastive.relevance[row, :position], first - second, rtol=1e-6, atol=1e-9)
+
+    t5 = generation_model('t5')
+    result = explain_generation(t5, input_ids=ids, max_new_tokens=2, method='input_x_gradient')
+    for row in range(len(result.target_tokens)):
+        position = int(result.target_positions[row])
+        expected, _ = prefix_input_x_gradient(t5, result.source_ids, position, int(result.target_ids[row]), 'logit',
+                                              encoder_length=5)
+        assert torch.allclose(result.relevance[row, :position], expected, rtol=1e-9, atol=1e-14)
+
+
+def test_generation_input_x_gradient_left_padded_batch_equals_one_prompt_at_a_time():
+    from conformance import generator
+    from zennit_attn import explain_generation
+    model = generation_model()
+    ids = torch.randint(2, 50, (2, 5), generator=generator(7))
+    mask = torch.ones_like(ids)
+    mask[1, :2], ids[1, :2] = 0, 0
+    batched = explain_generation(model, input_ids=ids, attention_mask=mask, max_new_tokens=2,
+                                 method='input_x_gradient')
+    for index in range(2):
+        single = explain_generation(model, input_ids=ids[index, mask[index].bool()], max_new_tokens=2,
+                                    method='input_x_gradient')
+        assert batched[index].source_ids.tolist() == single.source_ids.tolist()
+        assert torch.allclose(batched[index].relevance, single.relevance, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize('target', ['logit', 'log_probability'])
+def test_generation_integrated_gradients_complete_from_the_zero_embedding(target):
+    '''Completeness: row i sums to f_i(x) − f_i(0), with f_i(0) from the model run on zero embeddings (an independent
+    forward); 20 Gauss-Legendre steps are accurate to < 1e-4 relative, the right Riemann sum only converges like 1/n.'''
+    from zennit_attn import explain_generation
+    model = generation_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # converged: no completeness warning
+        result = explain_generation(model, input_ids=generation_prompt(4), max_new_tokens=2, target=target,
+                                    method='integrated_gradients')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        riemann = explain_generation(model, input_ids=generation_prompt(4), continuation=result.target_ids,
+                                     target=target, method='integrated_gradients', rule='riemann')
+    assert result.composite == 'IntegratedGradients(zero embeddings, 20 gauss-legendre steps)'
+    for row in range(2):
+        position = int(result.target_positions[row])
+        token = int(result.target_ids[row])
+        _, at_input = prefix_input_x_gradient(model, result.source_ids, position, token, target)
+        _, at_zero = prefix_input_x_gradient(model, result.source_ids, position, token, target, zero=True)
+        difference = at_input - at_zero
+        assert abs(difference) > 1e-3  # the check is not vacuous
+        assert float(result.target_values[row]) == pytest.approx(at_input, rel=1e-10)
+        assert float(result.relevance[row].sum()) == pytest.approx(difference, rel=1e-4)
+        assert torch.all(result.relevance[row, position:] == 0)
+        # the right Riemann sum approximates the same integral, much less accurately
+        error = abs(float(riemann.relevance[row].sum()) - difference)
+        assert error < 0.5 * abs(difference)
+        assert error > 10 * abs(float(result.relevance[row].sum()) - difference)
+
+
+def test_generation_integrated_gradients_with_one_riemann_step_is_input_x_gradient_and_warns():
+    '''One right-Riemann step is x ⊙ ∇f(x); far from converged, so the completeness check warns and records the
+    largest relative error, equal to the one computed from the hand loop's f(x) − f(0).'''
+    from zennit_attn import explain_generation
+    from zennit_attn.methods import GenerationGradients
+    model = generation_model()
+    ids = generation_prompt()
+    ixg = explain_generation(model, input_ids=ids, max_new_tokens=2, method='input_x_gradient')
+    method = GenerationGradients('integrated_gradients', n_iter=1, rule='riemann')
+    with pytest.warns(UserWarning, match='integrated gradients did not converge with n_iter=1'):
+        one = explain_generation(model, input_ids=ids, max_new_tokens=2, method=method)
+    assert torch.allclose(one.relevance, ixg.relevance, rtol=1e-12, atol=1e-15)
+    errors = []
+    for row in range(2):
+        position, token = int(one.target_positions[row]), int(one.target_ids[row])
+        _, at_input = prefix_input_x_gradient(model, one.source_ids, position, token, 'logit')
+        _, at_zero = prefix_input_x_gradient(model, one.source_ids, position, token, 'logit', zero=True)
+        scale = max(abs(at_input - at_zero), float(one.relevance[row].abs().sum()))
+        errors.append(abs(float(one.relevance[row].sum()) - (at_input - at_zero)) / scale)
+    assert method.completeness_error == pytest.approx(max(errors), rel=1e-6)
+    assert method.completeness_error > GenerationGradients.TOLERANCE
+
+
+@pytest.mark.filterwarnings('ignore:integrated gradients did not converge')
+def test_compare_generation_explains_one_generation_with_every_method(tmp_path):
+    '''Every method explains the same tokens; the composites' rows equal explain_generation with that composite;
+    the comparison figures are written.'''
+    from PIL import Image
+    from zennit_attn import explain_generation
+    from zennit_attn.methods import GENERATION_COMPARISON, compare_generation, plot_generation_comparison
+    model = generation_model()
+    ids = generation_prompt()
+    results = compare_generation(model, input_ids=ids, max_new_tokens=3,
+                                 options={'integrated_gradients': {'n_iter': 4}, 'attnlrp': {'epsilon': 1e-12}})
+    assert list(results) == list(GENERATION_COMPARISON)
+    assert len({tuple(result.source_ids.tolist()) for result in results.values()}) == 1
+    lrp = explain_generation(model, input_ids=ids, max_new_tokens=3, composite='cp_lrp')
+    assert torch.equal(results['cp_lrp'].relevance, lrp.relevance)
+    # the methods differ: the comparison is not of one method with itself
+    assert not torch.allclose(results['attnlrp'].relevance, results['input_x_gradient'].relevance)
+    with Image.open(plot_generation_comparison(results, tmp_path / 'matrices.png')) as image:
+        assert image.size[1] > 4 * 200
+    with Image.open(plot_generation_comparison(results, tmp_path / 'top.png', row=-1, k=4)) as image:
+        assert image.size[0] > 4 * 300
+    with pytest.raises(ValueError, match='different token sequences'):
+        plot_generation_comparison({'a': results['attnlrp'], 'b': explain_generation(model, input_ids=ids[:4])})
+    with pytest.raises(ValueError, match='row 3 is out of range'):
+        plot_generation_comparison(results, row=3)
+
+
+def test_generation_method_errors_are_clear():
+    from zennit_attn import explain_generation
+    from zennit_attn.methods import compare_generation
+    model = generation_model()
+    ids = generation_prompt()
+    with pytest.raises(UnknownMethodError, match="unknown generation method 'smoothgrad'"):
+        explain_generation(model, input_ids=ids, method='smoothgrad')
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['n_iter'\]"):
+        explain_generation(model, input_ids=ids, n_iter=5)
+    with pytest.raises(TypeError, match='takes no n_iter'):
+        explain_generation(model, input_ids=ids, method='input_x_gradient', n_iter=5)
+    with pytest.raises(TypeError, match='uses no composite'):
+        explain_generation(model, input_ids=ids, method='integrated_gradients', composite='attnlrp')
+    with pytest.raises(ValueError, match='rule must be one of'):
+        explain_generation(model, input_ids=ids, method='integrated_gradients', rule='simpson')
+    with pytest.raises(ValueError, match='one prompt'):
+        compare_generation(model, input_ids=torch.stack([ids, ids]))
+    with pytest.raises(UnknownMethodError, match='unknown or unused'):
+        compare_generation(model, input_ids=ids, methods=['attnlrp'], options={'integrated_gradients': {}})

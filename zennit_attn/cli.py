@@ -1,9 +1,18 @@
 '''Command line interface: ``zennit-attn demo | explain | compare | evaluate``.
 
+``explain --text TEXT --model DIR`` takes any local Hugging Face causal LM, seq2seq model or sequence classifier; the
+kind comes from the config (``architectures``, ``is_encoder_decoder``, transformers' Auto* mappings). Language models
+are explained token by token (:py:func:`zennit_attn.explain_generation`: ``--generate N`` tokens or a given
+``--continuation``, ``--target logit|probability|log_probability``, ``--contrast TOKEN``), classifiers class by class
+(:py:func:`zennit_attn.token_relevance`). A bare model without a task head, or a checkpoint lacking weights that
+would be newly initialised (e.g. a classifier head), is refused: its explanation would be of random weights.
+``compare --text`` puts AttnLRP, CP-LRP, input × gradient and integrated gradients side by side for a generation.
+
 Bad input (a missing file, an unknown model or composite, an image of the wrong size, a class out of range) ends
 with a one-line error and exit status 2, never a traceback; ``--debug`` shows the traceback.
 '''
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -12,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .composites import UnsupportedModelError
+from .engine import UnsupportedOperationError
 
 
 #: methods compared in the demo and by default in ``compare``, with their display names
@@ -25,6 +35,9 @@ DEMO_METHODS = {
     'gradient': 'Gradient',
 }
 COMPOSITE_NAMES = ('attnlrp', 'attnlrp_vit', 'cp_lrp', 'cp_lrp_vit')
+#: what ``--target`` explains for a language model (see :py:func:`zennit_attn.explain_generation`)
+TEXT_TARGETS = ('logit', 'probability', 'log_probability')
+DEFAULT_NEW_TOKENS = 10
 DEFAULT_MODEL = 'default'
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -120,25 +133,125 @@ def image_task(name, weights=None):
     return torchvision_image_task(name, weights)
 
 
-def text_task(name):
-    '''(model, tokenizer, class names) of a text classifier: the MiniLM sentiment default or a Hugging Face path.'''
+class TextTask:
+    '''A text model with its tokenizer: ``kind`` is ``'causal'`` (causal LM), ``'seq2seq'`` (encoder-decoder) or
+    ``'classifier'`` (sequence classifier, with class names).'''
+    def __init__(self, kind, model, tokenizer, classes=None, architecture='', name=''):
+        self.kind, self.model, self.tokenizer, self.classes = kind, model, tokenizer, classes
+        self.architecture, self.name = architecture, name
+
+    @property
+    def generates(self):
+        return self.kind in ('causal', 'seq2seq')
+
+
+#: what ``--model`` must be for ``--text``, in the error messages
+TEXT_MODELS_HINT = (
+    'pass a local Hugging Face causal LM (*ForCausalLM), seq2seq model (*ForConditionalGeneration, e.g. T5/BART) or '
+    'fine-tuned sequence classifier (*ForSequenceClassification) directory'
+)
+
+
+def _class_names(mapping):
+    '''The model class names of a transformers Auto* name mapping (values are a name or a tuple of names).'''
+    names = set()
+    for value in mapping.values():
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
+def text_model_kind(config, name):
+    '''``(kind, architecture)`` of a Hugging Face config, from its ``architectures`` (the class the checkpoint was saved
+    from) and ``is_encoder_decoder``, looked up in transformers' Auto* mappings; a CLIError for a bare model (no task
+    head) or a head this command cannot explain.'''
+    from transformers.models.auto import modeling_auto as auto
+    architectures = list(getattr(config, 'architectures', None) or [])
+    if not architectures:
+        raise CLIError(f'{name}: the config names no architecture, so its task head is unknown; {TEXT_MODELS_HINT}')
+    architecture = architectures[0]
+    encoder_decoder = bool(getattr(config, 'is_encoder_decoder', False))
+    if encoder_decoder and architecture in _class_names(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES):
+        return 'seq2seq', architecture
+    if not encoder_decoder and architecture in _class_names(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        return 'causal', architecture
+    if architecture in _class_names(auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
+        return 'classifier', architecture
+    if architecture in _class_names(auto.MODEL_MAPPING_NAMES):
+        raise CLIError(f'{name} holds a bare {architecture} without a task head (a classifier head would be randomly '
+                       f'initialised); {TEXT_MODELS_HINT}')
+    raise CLIError(f'{name} holds a {architecture}, which is not a causal LM, seq2seq model or sequence classifier; '
+                   f'{TEXT_MODELS_HINT}')
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    '''Silence transformers' progress bars, load reports and kernel notes (this command reports missing weights
+    itself, and errors must stay one line); restores the previous state.'''
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_text_model(name, dtype='float32'):
+    '''A :py:class:`TextTask` for a Hugging Face model directory (or hub name): the class of its ``architectures``,
+    refused if any of its weights would be newly initialised.'''
+    try:
+        import transformers
+    except ImportError:
+        raise CLIError('text models need transformers: pip install "zennit-attn[transformers]"') from None
+    with quiet_transformers():
+        try:
+            config = transformers.AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            raise CLIError(f'could not load the Hugging Face model {name!r}: {str(error).splitlines()[0]}') from None
+        kind, architecture = text_model_kind(config, name)
+        model_class = getattr(transformers, architecture, None) or {
+            'causal': transformers.AutoModelForCausalLM, 'seq2seq': transformers.AutoModelForSeq2SeqLM,
+            'classifier': transformers.AutoModelForSequenceClassification,
+        }[kind]
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError, TypeError) as error:
+            raise CLIError(f'could not load the tokenizer of {name!r}: {str(error).splitlines()[0]}') from None
+        options = {} if dtype == 'auto' else {'dtype': getattr(torch, dtype)}
+        try:
+            model, info = model_class.from_pretrained(name, output_loading_info=True, **options)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise CLIError(f'could not load the Hugging Face model {name!r}: {str(error).splitlines()[0]}') from None
+    fresh = sorted(set(info.get('missing_keys') or ()) | {str(key) for key in info.get('mismatched_keys') or ()})
+    if fresh:
+        shown = ', '.join(fresh[:3]) + (f' and {len(fresh) - 3} more' if len(fresh) > 3 else '')
+        raise CLIError(f'{name}: the checkpoint has no weights for {shown} of {architecture}; they would be randomly '
+                       f'initialised and the explanation meaningless; {TEXT_MODELS_HINT} whose weights are complete')
+    classes = None
+    if kind == 'classifier':
+        labels = model.config.id2label
+        classes = [labels[index] for index in range(len(labels))]
+    return TextTask(kind, model.eval(), tokenizer, classes, architecture, name)
+
+
+def text_task(name, dtype='float32'):
+    '''The :py:class:`TextTask` of ``--model``: the MiniLM sentiment classifier by default, else a Hugging Face
+    model (:py:func:`load_text_model`).'''
     if name in (None, DEFAULT_MODEL):
         from .models import SENTIMENT_CLASSES, load_minilm_sentiment, load_minilm_tokenizer
         try:
-            return load_minilm_sentiment(), load_minilm_tokenizer(), list(SENTIMENT_CLASSES)
+            return TextTask('classifier', load_minilm_sentiment(), load_minilm_tokenizer(), list(SENTIMENT_CLASSES),
+                            'MiniLM sentiment classifier', DEFAULT_MODEL)
         except ModuleNotFoundError as error:
             raise CLIError(str(error)) from None
-    try:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    except ImportError:
-        raise CLIError('text models need transformers: pip install "zennit-attn[transformers]"') from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForSequenceClassification.from_pretrained(name).eval()
-    except (OSError, ValueError) as error:
-        raise CLIError(f'could not load the Hugging Face model {name!r}: {str(error).splitlines()[0]}') from None
-    labels = model.config.id2label
-    return model, tokenizer, [labels[index] for index in range(len(labels))]
+    return load_text_model(name, dtype)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -165,6 +278,23 @@ def resolve_target(task_classes, logits, target):
     if not 0 <= target < classes:
         raise CLIError(f'class index {target} is out of range: the model has {classes} classes (0..{classes - 1})')
     return torch.full((logits.shape[0],), target, dtype=torch.long)
+
+
+def class_index(value, classes, option='--target'):
+    '''A class given on the command line as an index or a class name (``None`` stays ``None``).'''
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    if classes and value in classes:
+        return list(classes).index(value)
+    if value in TEXT_TARGETS:
+        raise CLIError(f'{option} {value} applies to language models (--text with a causal LM or seq2seq --model); '
+                       'for a classifier pass a class index or name')
+    shown = f'; classes: {", ".join(classes[:12])}{" ..." if len(classes) > 12 else ""}' if classes else ''
+    raise CLIError(f'{option} {value!r} is neither a class index nor a class name{shown}')
 
 
 def output_dir(path):
@@ -216,19 +346,29 @@ def write_image_outputs(out, task, images, targets, relevances, titles, prefix='
     return [grid_path] + written
 
 
-def explain_text(model, tokenizer, classes, texts, composite, target, out, prefix='text'):
-    '''Token relevance of ``texts`` with ``composite``: writes an HTML and a PNG token heatmap.'''
+def explain_text(model, tokenizer, classes, texts, composite, target, out, prefix='text', contrast=None, record=None):
+    '''Token relevance of ``texts`` with ``composite``: writes an HTML and a PNG token heatmap (and fills ``record``, a
+    dict, with what was explained).'''
     import zennit.composites
     from .attribution import token_relevance
     from .text import token_heatmap_html, token_heatmap_png
+    if tokenizer.pad_token is None:
+        # decoder classifiers (e.g. *ForSequenceClassification of a Llama) often ship without a padding token
+        tokenizer.pad_token = tokenizer.eos_token
     encoded = tokenizer(list(texts), return_tensors='pt', padding=True, truncation=True, max_length=128)
     with torch.no_grad():
         logits = model(input_ids=encoded['input_ids'], attention_mask=encoded['attention_mask'])
         logits = getattr(logits, 'logits', logits)
     targets = resolve_target(classes, logits, target)
+    against = None
+    if contrast is not None:
+        against = resolve_target(classes, logits, contrast)
+        if bool((against == targets).any()):
+            raise CLIError(f'--contrast {class_name(classes, contrast)} is the explained class itself; the explained '
+                           'difference would be zero: choose another class')
     result = token_relevance(
         model, zennit.composites.COMPOSITES[composite](), encoded['input_ids'], encoded['attention_mask'],
-        target=targets,
+        target=targets, contrast=against,
     )
     tokens, values, labels = [], [], []
     for index in range(len(texts)):
@@ -241,7 +381,103 @@ def explain_text(model, tokenizer, classes, texts, composite, target, out, prefi
     title = f'{composite}: token relevance (red: for the class, blue: against)'
     token_heatmap_html(tokens, values, title=title, path=html_path, labels=labels)
     token_heatmap_png(tokens, values, png_path, title=title, labels=labels)
+    if record is not None:
+        record.update(
+            kind='classifier', texts=list(texts), composite=composite, classes=list(classes),
+            target=[class_name(classes, int(index)) for index in targets], labels=labels,
+            contrast=None if against is None else [class_name(classes, int(index)) for index in against],
+            logits=logits.tolist(), tokens=tokens, relevance=values,
+        )
     return [html_path, png_path]
+
+
+def explain_language_model(task, text, composite, args, out, prefix='explain'):
+    '''Explain what ``task.model`` (a causal LM or seq2seq model) generates after ``text``: writes the relevance matrix
+    as HTML and PNG, the result (``.pt``) and ``explain.json``; returns (written paths, result).'''
+    from .generation import explain_generation
+    contrast = args.contrast
+    if contrast is not None:
+        contrast = check_contrast_token(task.tokenizer, contrast)
+    if args.continuation is not None and not text[-1:].isspace():
+        note_leading_space(task.tokenizer, args.continuation, '--continuation')
+    with generation_request_errors():
+        result = explain_generation(
+            task.model, task.tokenizer, text, composite=composite, max_new_tokens=args.generate or DEFAULT_NEW_TOKENS,
+            target=args.target or 'logit', contrast=contrast, continuation=args.continuation,
+        )
+    generated = task.tokenizer.decode(result.target_ids.tolist())
+    what = f'{args.target or "logit"}' + ('' if contrast is None else f' minus that of {contrast!r}')
+    title = f'{composite}: relevance of each source token for the {what} of each generated token'
+    paths = [out / f'{prefix}_generation.html', out / f'{prefix}_generation.png', out / f'{prefix}_generation.pt']
+    result.to_html(paths[0], title=title)
+    result.to_png(paths[1], title=f'{composite}: {text!r} → {generated!r}')
+    result.save(paths[2])
+    record = dict(
+        kind=task.kind, model=str(task.name), architecture=task.architecture, prompt=text, composite=composite,
+        target=args.target or 'logit', contrast=contrast,
+        contrast_id=None if result.contrast_ids is None else int(result.contrast_ids[0]),
+        continuation_given=args.continuation is not None, generated=generated,
+        source_tokens=result.source_tokens, generated_tokens=result.target_tokens,
+        target_values=result.target_values.tolist(), probabilities=result.probabilities.tolist(),
+        relevance_sums=result.relevance.sum(1).tolist(),
+        top=[[dict(token=token, relevance=value) for _, token, value in result.top(row, 3)]
+             for row in range(len(result.target_tokens))],
+    )
+    paths.append(out / 'explain.json')
+    paths[-1].write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    return paths, result
+
+
+@contextlib.contextmanager
+def generation_request_errors():
+    '''explain_generation's own checks (contrast, continuation, non-finite logits) are about the request: one line.'''
+    prefix = 'explain_generation: '
+    try:
+        yield
+    except ValueError as error:
+        if not str(error).startswith(prefix):
+            raise
+        raise CLIError(str(error)[len(prefix):]) from None
+
+
+def check_text_options(task, args):
+    '''Refuse options that do not apply to the kind of ``task`` (a :py:class:`TextTask`).'''
+    if not task.generates:
+        given = [option for option, value in (('--generate', args.generate), ('--continuation', args.continuation))
+                 if value is not None]
+        if given:
+            raise CLIError(f'{" and ".join(given)} apply to language models; {task.name} is a sequence classifier '
+                           f'({task.architecture}); {TEXT_MODELS_HINT}')
+        return
+    if args.target is not None and args.target not in TEXT_TARGETS:
+        raise CLIError(f'--target for a language model is one of {", ".join(TEXT_TARGETS)}, got {args.target!r}; to '
+                       'explain a token of your choice pass it as --continuation TEXT')
+    if args.generate is not None and args.continuation is not None:
+        raise CLIError('pass --generate N (explain N generated tokens) or --continuation TEXT (explain that text), '
+                       'not both')
+    if args.continuation is not None and not args.continuation:
+        raise CLIError('--continuation is empty')
+
+
+def check_contrast_token(tokenizer, contrast):
+    '''``--contrast`` for a language model: one token; a note when the word after a space is meant.'''
+    ids = tokenizer(contrast, add_special_tokens=False)['input_ids']
+    if len(ids) != 1:
+        raise CLIError(f'--contrast {contrast!r} is {len(ids)} tokens {tokenizer.convert_ids_to_tokens(ids)}, not one; '
+                       'pass a single token (mind the leading space, e.g. " London")')
+    note_leading_space(tokenizer, contrast, '--contrast')
+    return contrast
+
+
+def note_leading_space(tokenizer, text, option):
+    '''Tell the user when ``text`` (no leading space) tokenizes differently from the word after a space, which is what
+    usually follows a prompt (" Paris", not "Paris").'''
+    if text[:1].isspace():
+        return
+    plain = tokenizer(text, add_special_tokens=False)['input_ids']
+    if tokenizer(' ' + text, add_special_tokens=False)['input_ids'] != plain:
+        print(f'note: {option} {text!r} is taken without a leading space; for the word after a space pass '
+              f'{" " + text!r}', file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -272,11 +508,11 @@ def command_demo(args):
     }
     if args.text:
         try:
-            model, tokenizer, classes = text_task(DEFAULT_MODEL)
+            text = text_task(DEFAULT_MODEL)
         except CLIError as error:
             print(f'skipping the text demo: {error}')
         else:
-            written += explain_text(model, tokenizer, classes, DEMO_TEXTS, 'attnlrp', None, out)
+            written += explain_text(text.model, text.tokenizer, text.classes, DEMO_TEXTS, 'attnlrp', None, out)
     if args.faithfulness:
         from .evaluation import evaluate, plot_results, save_results
         model_inputs, model_labels, _ = load_fashion_mnist_samples()
@@ -302,22 +538,47 @@ def faithfulness_table(results):
     return results_table(results)
 
 
+def explain_text_command(args, composite, out):
+    '''``explain --text``: a language model's generation or a classifier's prediction; returns the written paths.'''
+    task = text_task(args.model, args.dtype)
+    check_text_options(task, args)
+    if task.generates:
+        written, result = explain_language_model(task, args.text, composite, args, out)
+        print(result)
+        return written
+    record = {}
+    target, contrast = class_index(args.target, task.classes), class_index(args.contrast, task.classes, '--contrast')
+    written = explain_text(task.model, task.tokenizer, task.classes, [args.text], composite, target, out,
+                           prefix='explain', contrast=contrast, record=record)
+    record.update(model=str(task.name), architecture=task.architecture)
+    written.append(out / 'explain.json')
+    written[-1].write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    print(f'{task.architecture}: {record["labels"][0]}')
+    return written
+
+
 def command_explain(args):
     '''Explain one image or text with one composite.'''
     out = output_dir(args.output)
     # the vision preset is the default for images, plain AttnLRP for text
     composite = check_composite(args.composite or ('attnlrp' if args.text is not None else 'attnlrp_vit'))
     if args.text is not None:
-        model, tokenizer, classes = text_task(args.model)
-        written = explain_text(model, tokenizer, classes, [args.text], composite, args.target, out, prefix='explain')
+        if args.image is not None:
+            raise CLIError('pass an IMAGE file or --text TEXT, not both')
+        with quiet_transformers():
+            written = explain_text_command(args, composite, out)
     else:
         if args.image is None:
             raise CLIError('pass an IMAGE file or --text TEXT')
+        given = [option for option, value in (('--generate', args.generate), ('--continuation', args.continuation),
+                                              ('--contrast', args.contrast)) if value is not None]
+        if given:
+            raise CLIError(f'{", ".join(given)} apply to --text only')
         task = image_task(args.model, args.weights)
         inputs, image = task.load_image(args.image, args.resize)
         with torch.no_grad():
             logits = task.model(inputs)
-        targets = resolve_target(task.classes, logits, args.target)
+        targets = resolve_target(task.classes, logits, class_index(args.target, task.classes))
         relevances = image_heatmaps(task, inputs, targets, [composite], progress=False)
         written = write_image_outputs(out, task, [image], targets, relevances, DEMO_METHODS, prefix='explain_')
         print(f'class {int(targets[0])} ({class_name(task.classes, int(targets[0]))}), '
@@ -327,9 +588,51 @@ def command_explain(args):
     return 0
 
 
+def compare_text(args, out):
+    '''Explain what a language model generates with several methods (composites and gradient baselines).'''
+    from .methods import GENERATION_COMPARISON, GENERATION_METHODS, compare_generation, plot_generation_comparison
+    import zennit.composites
+    methods = args.methods or list(GENERATION_COMPARISON)
+    unknown = [name for name in methods if name not in GENERATION_METHODS and name not in zennit.composites.COMPOSITES]
+    if unknown:
+        raise CLIError(f'unknown method(s) {", ".join(unknown)} for text; choose from '
+                       f'{", ".join(list(GENERATION_METHODS) + list(COMPOSITE_NAMES))}')
+    task = text_task(args.model, args.dtype)
+    if not task.generates:
+        raise CLIError(f'compare --text compares methods on what a language model generates; {task.name} is a sequence '
+                       f'classifier ({task.architecture}): use explain --text')
+    check_text_options(task, args)
+    contrast = None if args.contrast is None else check_contrast_token(task.tokenizer, args.contrast)
+    if args.continuation is not None and not args.text[-1:].isspace():
+        note_leading_space(task.tokenizer, args.continuation, '--continuation')
+    with generation_request_errors():
+        results = compare_generation(
+            task.model, task.tokenizer, args.text, methods=methods, target=args.target or 'logit', contrast=contrast,
+            max_new_tokens=args.generate or DEFAULT_NEW_TOKENS, continuation=args.continuation,
+        )
+    written = [out / 'compare_generation.png', out / 'compare_generation_top.png']
+    plot_generation_comparison(results, written[0], title=f'{args.text!r}: {args.target or "logit"} per method')
+    plot_generation_comparison(results, written[1], row=0)
+    for name, result in results.items():
+        written.append(out / f'compare_{name}.html')
+        result.to_html(written[-1], title=f'{name}: {result.composite}')
+        print(f'{name}: {result}')
+    return written
+
+
 def command_compare(args):
-    '''Explain one image with several methods side by side.'''
+    '''Explain one image with several methods side by side (or, with --text, a language model's generation).'''
     out = output_dir(args.output)
+    if args.text is not None:
+        if args.image is not None:
+            raise CLIError('pass an IMAGE file or --text TEXT, not both')
+        with quiet_transformers():
+            written = compare_text(args, out)
+        for path in written:
+            print(path)
+        return 0
+    if args.generate is not None or args.continuation is not None or args.contrast is not None:
+        raise CLIError('--generate, --continuation and --contrast apply to --text only')
     methods = check_methods(args.methods or list(DEMO_METHODS))
     task = image_task(args.model, args.weights)
     if args.image is None:
@@ -343,7 +646,7 @@ def command_compare(args):
         images = [image]
     with torch.no_grad():
         logits = task.model(inputs)
-    targets = resolve_target(task.classes, logits, args.target)
+    targets = resolve_target(task.classes, logits, class_index(args.target, task.classes))
     relevances = image_heatmaps(task, inputs, targets, methods)
     for path in write_image_outputs(out, task, images, targets, relevances, DEMO_METHODS, prefix='compare_'):
         print(path)
@@ -377,6 +680,17 @@ def command_evaluate(args):
     return 0
 
 
+def positive_int(text):
+    '''argparse type: an int ≥ 1.'''
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {value}')
+    return value
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog='zennit-attn', description='AttnLRP explanations for transformers (a Zennit plugin).',
@@ -394,23 +708,36 @@ def build_parser():
     def add_model_options(sub):
         sub.add_argument('image', nargs='?', help='image file (PNG/JPEG)')
         sub.add_argument('--model', default=DEFAULT_MODEL,
-                         help='"default" (shipped Fashion-MNIST ViT / MiniLM), a torchvision model name for images, '
-                         'or a Hugging Face sequence classifier (name or path) for --text')
+                         help='"default" (shipped Fashion-MNIST ViT / MiniLM sentiment classifier), a torchvision '
+                         'model name for images, or for --text a Hugging Face causal LM, seq2seq model or sequence '
+                         'classifier (directory or name)')
         sub.add_argument('--weights', help='torchvision weights, e.g. IMAGENET1K_V1')
-        sub.add_argument('--target', type=int, help='class index to explain (default: the prediction)')
+        sub.add_argument('--target', help='classifiers: the class to explain, an index or a name (default: the '
+                         f'prediction); language models: one of {", ".join(TEXT_TARGETS)} (default: logit)')
         sub.add_argument('--resize', action='store_true', help='resize the image to the model\'s input size')
         sub.add_argument('-o', '--output', default='zennit-attn-output')
+        sub.add_argument('--text', help='explain this text (the prompt of a language model) instead of an image')
+        sub.add_argument('--generate', type=positive_int, metavar='N',
+                         help=f'language models: explain N generated tokens (default: {DEFAULT_NEW_TOKENS})')
+        sub.add_argument('--continuation', metavar='TEXT',
+                         help='language models: explain this continuation of the text instead of generating one')
+        sub.add_argument('--contrast', metavar='TOKEN',
+                         help='language models: explain the target minus that of this token (e.g. " London"); '
+                         'classifiers: minus that of this class')
+        sub.add_argument('--dtype', default='float32', choices=('float32', 'float64', 'bfloat16', 'float16', 'auto'),
+                         help='dtype of Hugging Face text models (default: float32; auto: the checkpoint\'s)')
 
     explain = commands.add_parser('explain', help='explain one image or text')
     add_model_options(explain)
-    explain.add_argument('--text', help='explain this text instead of an image')
     explain.add_argument('--composite', help=f'one of {", ".join(COMPOSITE_NAMES)} (default: attnlrp_vit for '
                          'images, attnlrp for text)')
     explain.set_defaults(run=command_explain)
 
-    compare = commands.add_parser('compare', help='explain one image with several methods side by side')
+    compare = commands.add_parser('compare', help='explain one image, or a language model\'s generation (--text), '
+                                  'with several methods side by side')
     add_model_options(compare)
-    compare.add_argument('--methods', nargs='+', help='methods to compare (default: the demo set)')
+    compare.add_argument('--methods', nargs='+', help='methods to compare (default: the demo set; for --text: '
+                         'attnlrp, cp_lrp, input_x_gradient, integrated_gradients)')
     compare.set_defaults(run=command_compare)
 
     evaluate = commands.add_parser('evaluate', help='perturbation faithfulness (MoRF/LeRF, ABPC)')
@@ -432,7 +759,8 @@ def main(argv=None):
     except CLIError as error:
         print(f'zennit-attn: error: {error}', file=sys.stderr)
         return 2
-    except UnsupportedModelError as error:
+    except (UnsupportedModelError, UnsupportedOperationError) as error:
+        # refused by the composite (a module) or by the engine (an operation without a rule): the model is unsupported
         print(f'zennit-attn: error: unsupported model: {error}', file=sys.stderr)
         return 2
     except Exception as error:  # pylint: disable=broad-except

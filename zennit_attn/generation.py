@@ -380,7 +380,7 @@ def _composite(composite):
 
 def explain_generation(
     model, tokenizer=None, prompt=None, composite=None, max_new_tokens=10, target='logit', contrast=None,
-    input_ids=None, attention_mask=None, continuation=None, generate_kwargs=None,
+    input_ids=None, attention_mask=None, continuation=None, generate_kwargs=None, method=None, **method_options,
 ):
     '''Generate a continuation of a prompt (or take a given one) and attribute every generated token to every
     earlier token, with one forward pass and one modified backward pass per generated token.
@@ -411,6 +411,13 @@ def explain_generation(
         Explain this continuation instead of generating one (teacher forcing).
     generate_kwargs: dict, optional
         Further arguments of ``model.generate``.
+    method: str, optional
+        A gradient baseline instead of a composite, for comparison: ``'input_x_gradient'`` or
+        ``'integrated_gradients'`` (zero-embedding baseline, ``n_iter=20`` steps), see
+        :py:class:`zennit_attn.methods.GenerationGradients`; they explain the value itself (``log p_t`` for
+        ``'log_probability'``; a callable target's sum, differentiated). A composite name is accepted as well.
+    **method_options:
+        Options of ``method`` (e.g. ``n_iter``) or of the named composite's constructor.
 
     Returns
     -------
@@ -428,7 +435,14 @@ def explain_generation(
     vocabulary = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else (
         model.config.vocab_size)
     contrast_id = None if contrast is None else _token_id(tokenizer, contrast, 'contrast', vocabulary)
-    composite = _composite(composite)
+    baseline = None
+    if method is not None:
+        from .methods import generation_method
+        baseline, composite = generation_method(method, composite, method_options)
+    elif method_options:
+        raise TypeError(f'explain_generation: unexpected keyword arguments {sorted(method_options)} (options need '
+                        'method=)')
+    composite = None if baseline is not None else _composite(composite)
 
     # 1. the sequence: generated, or prompt + the given continuation
     if continuation is None:
@@ -484,38 +498,42 @@ def explain_generation(
             embeds = embedding(source_ids)
         wrapper = EmbeddingsForward(model, **options)
 
-    x = embeds.detach().requires_grad_(True)
-    with composite.context(wrapper) as modified:
-        try:
-            with torch.enable_grad():
-                logits = modified(x)
-        except ValueError as error:
-            if 'produced NaN' not in str(error):
-                raise
-            logits = None
-        if logits is None or not torch.isfinite(logits).all():
-            where = first_non_finite(wrapper, embeds)
-            raise ValueError(
-                f'explain_generation: the model\'s logits are not finite (first non-finite hidden state: '
-                f'{where or "unknown"}); in float16 this is usually an overflow: use bfloat16 or float32.'
-            )
-        # the positions that predict the generated tokens (the last one predicts nothing explained)
-        logits = logits[:, -steps - 1:-1]
-        rows, values, probabilities = [], [], []
-        contrast_ids = None if contrast_id is None else torch.full((batch,), contrast_id, device=device)
-        for step in range(steps):
-            step_logits = logits[:, step]
-            seed, value = _seed(step_logits.detach(), generated[:, step], target, contrast_ids)
-            grad_output = torch.zeros_like(logits)
-            grad_output[:, step] = seed
-            (grad,) = torch.autograd.grad(logits, x, grad_output, retain_graph=step < steps - 1)
-            rows.append(grad)
-            values.append(value)
-            probabilities.append(torch.softmax(step_logits.detach().float(), -1)[
-                torch.arange(batch, device=device), generated[:, step]])
-    summed = torch.float64 if x.dtype == torch.float64 else torch.float32
-    relevance = torch.stack([row.to(summed).sum(-1) for row in rows], 1)  # (batch, steps, source)
-    values, probabilities = torch.stack(values, 1), torch.stack(probabilities, 1)
+    contrast_ids = None if contrast_id is None else torch.full((batch,), contrast_id, device=device)
+    if baseline is not None:
+        # a gradient baseline (methods.GenerationGradients) through the plain model, for comparison
+        relevance, values, probabilities = baseline(wrapper, embeds, generated, target, contrast_ids)
+    else:
+        x = embeds.detach().requires_grad_(True)
+        with composite.context(wrapper) as modified:
+            try:
+                with torch.enable_grad():
+                    logits = modified(x)
+            except ValueError as error:
+                if 'produced NaN' not in str(error):
+                    raise
+                logits = None
+            if logits is None or not torch.isfinite(logits).all():
+                where = first_non_finite(wrapper, embeds)
+                raise ValueError(
+                    f'explain_generation: the model\'s logits are not finite (first non-finite hidden state: '
+                    f'{where or "unknown"}); in float16 this is usually an overflow: use bfloat16 or float32.'
+                )
+            # the positions that predict the generated tokens (the last one predicts nothing explained)
+            logits = logits[:, -steps - 1:-1]
+            rows, values, probabilities = [], [], []
+            for step in range(steps):
+                step_logits = logits[:, step]
+                seed, value = _seed(step_logits.detach(), generated[:, step], target, contrast_ids)
+                grad_output = torch.zeros_like(logits)
+                grad_output[:, step] = seed
+                (grad,) = torch.autograd.grad(logits, x, grad_output, retain_graph=step < steps - 1)
+                rows.append(grad)
+                values.append(value)
+                probabilities.append(torch.softmax(step_logits.detach().float(), -1)[
+                    torch.arange(batch, device=device), generated[:, step]])
+        summed = torch.float64 if x.dtype == torch.float64 else torch.float32
+        relevance = torch.stack([row.to(summed).sum(-1) for row in rows], 1)  # (batch, steps, source)
+        values, probabilities = torch.stack(values, 1), torch.stack(probabilities, 1)
 
     results = []
     for sample in range(batch):
@@ -542,7 +560,7 @@ def explain_generation(
             prompt_length=length,
             target=target if isinstance(target, str) else getattr(target, '__name__', 'callable'),
             contrast_ids=None if contrast_ids is None else contrast_ids[:count].cpu(),
-            composite=type(composite).__name__,
+            composite=baseline.name if baseline is not None else type(composite).__name__,
         ))
     return results[0] if single else results
 
