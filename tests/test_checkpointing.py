@@ -62,7 +62,10 @@ def assert_same(actual, expected, tolerance):
 
 def hf_checkpointed(model, reentrant):
     '''Hugging Face checkpointing, which checkpoints only in training mode (dropout is 0 in these configs).'''
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': reentrant})
+    if hasattr(model, 'activation_checkpointing_enable'):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': reentrant})
+    else:  # transformers < 5.2x: the former name
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': reentrant})
     return model.train()
 
 
