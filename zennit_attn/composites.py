@@ -7,6 +7,7 @@ from zennit.types import Convolution
 from . import layers, types
 from .engine import Engine
 from .families import declared_norm, detect_families, refusal
+from .rules.linear import _LinearOp
 from .rules import (
     AttnHook, AttentionRule, CPAttentionRule, CPMatMulRule, CPProductRule, Epsilon, Gamma, IdentityRule, IndexAddRule,
     LayerNormRule, MatMulRule, MeanRule, PoolRule, ProductRule, RenormalizeRule, RMSNormRule, RoPERule, SoftmaxRule,
@@ -274,6 +275,25 @@ def _check_supported(root, templates, families):
         reason = refusal(families, child)
         if reason is not None:
             raise UnsupportedModelError(f'{where}: {reason}')
+        if type(child).__module__.startswith(('torch.ao.nn.quantized', 'torch.ao.nn.intrinsic.quantized')):
+            # e.g. quantize_dynamic's Linear: packed weights and quantized kernels without autograd, no rule reads them
+            raise UnsupportedModelError(
+                f'{where}: a torch.ao quantized module, whose packed weights no rule can read; quantize with '
+                'bitsandbytes (Linear8bitLt, Linear4bit: the ε/γ rules read their dequantized weights) or attribute '
+                'the float model.'
+            )
+        if isinstance(child, types.LinearLike) and _LinearOp.is_quantized(child):
+            # quantized weights (bitsandbytes): only the closed-form ε/γ rules dequantize them; any other rule (or
+            # none) would read the raw codes, or leave the layer's plain gradient
+            problem = _LinearOp.weight_problem(child)
+            if problem is None and not isinstance(template, Epsilon):
+                problem = (
+                    f'its {child.weight.dtype} weight is quantized and only zennit_attn.rules.Epsilon / Gamma read its '
+                    f'dequantized values, but the layer map gives it '
+                    f'{"no rule" if template is None else type(template).__name__}'
+                )
+            if problem is not None:
+                raise UnsupportedModelError(f'{where}: {problem}.')
         if isinstance(child, types.Normalization) and template is None:
             raise UnsupportedModelError(
                 f'{where}: normalisation without an AttnLRP rule; add it to layer_map (e.g. with '

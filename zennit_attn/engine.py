@@ -432,13 +432,22 @@ class Engine:
 
     @staticmethod
     def _check_finite(module, output):
-        '''Refuse an output with NaN computed from the input: every relevance would be NaN.'''
+        '''Refuse an output with NaN computed from the input, or with infinite values in float16 (an overflow: the
+        seed ``logit * onehot`` then holds ``inf * 0 = NaN``): every relevance would be NaN.'''
         for tensor in _tensors(output):
-            if _differentiable(tensor) and tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
+            if not (_differentiable(tensor) and tensor.is_floating_point()):
+                continue
+            if bool(torch.isnan(tensor).any()):
                 raise ValueError(
                     f'{type(module).__name__}: the model\'s own forward produced NaN (e.g. a float16 overflow, or '
                     'transformers\' eager attention in float64 with left padding, which turns fully masked rows into '
                     'NaN); every relevance would be NaN. Use bfloat16/float32, or attn_implementation="sdpa".'
+                )
+            if tensor.dtype == torch.float16 and bool(torch.isinf(tensor).any()):
+                raise ValueError(
+                    f'{type(module).__name__}: the model\'s own forward produced NaN or infinite values: its float16 '
+                    'output overflows (beyond ±65504); every relevance would be NaN. Use bfloat16 (float32\'s range) '
+                    'or float32.'
                 )
 
     def _push(self, module, args, kwargs):
@@ -927,6 +936,24 @@ class Engine:
         carrier = layers.AveragePool(func, *args[1:], **options)
         return self._attach(name, carrier, (x,), output)
 
+    def _clamp(self, name, func, args, kwargs):
+        '''``clamp(x, min, max)`` with constant bounds: the element-wise activation Hardtanh, so the identity rule
+        (AttnLRP Eq. 9), e.g. T5's float16 guard against overflow; the output keeps the input's role. Bounds that
+        depend on the input have no rule.'''
+        if name.endswith('_'):
+            plain = getattr(torch, name.rstrip('_'))
+            return self._inplace(name, func, args, kwargs, lambda copy: self._clamp(
+                name.rstrip('_'), plain, (copy,) + tuple(args[1:]), kwargs))
+        x = args[0] if args else kwargs.get('input')
+        bounds = list(args[1:]) + [value for key, value in kwargs.items() if key != 'input']
+        if any(_differentiable(bound) and _is_variable(bound) for bound in bounds):
+            return self._unknown(f'{name} (input-dependent bounds)', func, args, kwargs, force=True)
+        output = func(*args, **kwargs)
+        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return output
+        carrier = self._carrier(('activation', torch.nn.Hardtanh), torch.nn.Hardtanh)
+        return self._inherit(self._attach(name, carrier, (x,), output), x)
+
     def _activation(self, name, func, args, kwargs):
         x = args[0] if args else kwargs.get('input')
         if name.endswith('_') or kwargs.get('inplace') or (len(args) > 1 and args[-1] is True):
@@ -1196,6 +1223,7 @@ for _names, _method in (
     (('layer_norm',), Engine._layer_norm), (('rms_norm',), Engine._rms_norm),
     (('scaled_dot_product_attention',), Engine._sdpa), (('index_add', 'index_add_'), Engine._index_add),
     (('multi_head_attention_forward',), Engine._multi_head_attention),
+    (('clamp', 'clip', 'clamp_min', 'clamp_max', 'clamp_', 'clip_', 'clamp_min_', 'clamp_max_'), Engine._clamp),
 ):
     for _op in _names:
         Engine._handlers[_op] = _method

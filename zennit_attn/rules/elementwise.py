@@ -98,10 +98,12 @@ class SumRule(AttnHook):
 
     @staticmethod
     def _difference(output, kept):
-        '''The operand not kept, ``output - kept``; 0 where ``kept`` is infinite (a ``-inf`` mask), where the sum is
-        infinite too and its relevance ratio is 0 whatever the operand (``-inf - -inf`` would give NaN).
+        '''The operand not kept, ``output - kept``; 0 where the sum is infinite: a ``-inf`` mask (``-inf - -inf``
+        would give NaN), or a half-precision sum that overflowed (float16 scores below -16 plus float16's minimum as
+        mask give ``-inf``, and ``-inf - mask`` is no operand). There the relevance ratio ``R / stab(y)`` is 0
+        whatever the operand, and ``inf * 0`` would be NaN.
         '''
-        return (output - kept).masked_fill(torch.isinf(kept), 0.)
+        return (output - kept).masked_fill(torch.isinf(output), 0.)
 
     def relevance(self, module, inputs, output, relevance, variable):
         a, b = inputs

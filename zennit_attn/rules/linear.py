@@ -66,6 +66,64 @@ class _LinearOp:
         '''The convolution's padding as numbers (``'valid'`` is no padding).'''
         return 0 if module.padding == 'valid' else module.padding
 
+    @staticmethod
+    def is_quantized(module):
+        '''Whether the weight of ``module`` holds quantized codes rather than its values: an integer weight, or
+        bitsandbytes' ``Params4bit`` (packed 4-bit codes, stored as uint8 or, for FSDP, in a float ``quant_storage``).
+        '''
+        weight = getattr(module, 'weight', None)
+        return isinstance(weight, torch.Tensor) and (
+            not weight.is_floating_point() or type(weight).__name__ == 'Params4bit'
+        )
+
+    @staticmethod
+    def weight_problem(module):
+        '''Why the effective weight of ``module`` cannot be read (a quantized format that :py:meth:`weight` does not
+        know), or None.'''
+        if not _LinearOp.is_quantized(module):
+            return None
+        weight = module.weight
+        kind = type(weight).__name__
+        if kind == 'Params4bit' and getattr(getattr(weight, 'quant_state', None), 'packing_format_for_cpu', False):
+            return (
+                'its 4-bit weight was repacked for bitsandbytes\' CPU inference kernel (a forward without gradients '
+                'ran on a CPU with AVX512-BF16), a layout the rule cannot dequantize; reload the model and attribute '
+                'before any forward without gradients'
+            )
+        if kind in ('Int8Params', 'Params4bit'):
+            return None
+        return (
+            f'its weight is a {weight.dtype} {kind} (a quantized format) whose dequantized values the ε/γ rules cannot '
+            'read; quantize with bitsandbytes (Linear8bitLt, Linear4bit) or dequantize the layer to a float nn.Linear'
+        )
+
+    @staticmethod
+    def weight(module, dtype):
+        '''The effective weight of ``module`` in ``dtype``: bitsandbytes' quantized weights (``Int8Params`` of
+        ``Linear8bitLt``, ``Params4bit`` of ``Linear4bit``, matched by class name so that bitsandbytes stays optional)
+        dequantized as their forward uses them; raw int8 codes or packed 4-bit bytes would give garbage relevance.
+        '''
+        weight = module.weight
+        if not _LinearOp.is_quantized(module):
+            return weight.to(dtype)
+        problem = _LinearOp.weight_problem(module)
+        if problem is not None:
+            raise TypeError(f'{type(module).__name__}: {problem}.')
+        if type(weight).__name__ == 'Params4bit':
+            from bitsandbytes.functional import dequantize_4bit
+            return dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+        # Int8Params: int8 codes with one absmax per output row (LLM.int8()), W = codes * absmax / 127; the first
+        # forward moves the absmax from the weight to the module's matmul state
+        scales = getattr(weight, 'SCB', None)
+        if scales is None:
+            scales = getattr(getattr(module, 'state', None), 'SCB', None)
+        if scales is None:
+            raise TypeError(
+                f'{type(module).__name__}: its int8 weight has no row scales (SCB) on the weight or in module.state; '
+                'load or quantize the layer with bitsandbytes before attributing.'
+            )
+        return weight.data.to(torch.float32).mul_(scales.to(torch.float32)[:, None] / 127).to(dtype)
+
 
 def _zero_bias(rule, zero_params):
     '''Validate ``zero_params``: the closed-form rules can only zero the bias.'''
@@ -101,6 +159,9 @@ class Epsilon(AttnHook):
     def _check_call(self, module, args, kwargs):
         super()._check_call(module, args, kwargs)
         _LinearOp.check(type(self).__name__, module)
+        problem = _LinearOp.weight_problem(module)
+        if problem is not None:
+            raise TypeError(f'{type(self).__name__} on {type(module).__name__}: {problem}.')
         kernel_size = getattr(module, 'kernel_size', None)
         if kernel_size is not None and not _LinearOp.is_conv1d(module) and args[0].ndim != len(kernel_size) + 2:
             raise ValueError(
@@ -126,7 +187,7 @@ class Epsilon(AttnHook):
         (x,) = inputs
         if not output.is_meta:
             return (self.layer_relevance(module, x, output, relevance),)
-        weight = module.weight.to(x.dtype)
+        weight = _LinearOp.weight(module, x.dtype)
         bias = self._bias(module, relevance)
         if not _LinearOp.is_linear(module):
             output = _LinearOp.forward(module, x, weight)
@@ -148,7 +209,7 @@ class Epsilon(AttnHook):
         if self.no_bias and bias is not None:
             output = output - bias
         ratio = relevance / self.stabilizer(output)
-        return x * _LinearOp.transpose(module, x, module.weight.to(x.dtype), ratio)
+        return x * _LinearOp.transpose(module, x, _LinearOp.weight(module, x.dtype), ratio)
 
 
 class Gamma(Epsilon):
@@ -177,7 +238,7 @@ class Gamma(Epsilon):
 
     def layer_relevance(self, module, x, output, relevance):
         gamma = self.gamma
-        weight = module.weight.to(x.dtype)
+        weight = _LinearOp.weight(module, x.dtype)
         bias = self._bias(module, output)
         if bias is None:
             bias = pos_bias = neg_bias = 0.
