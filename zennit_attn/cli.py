@@ -654,30 +654,47 @@ def command_compare(args):
 
 
 def command_evaluate(args):
-    '''Faithfulness benchmark (MoRF/LeRF, ABPC) on the embedded default model.'''
-    from .evaluation import evaluate, plot_results, save_results
-    out = output_dir(args.output)
+    '''Faithfulness benchmark (MoRF/LeRF, ABPC) on the embedded default model.
+
+    Under ``torchrun`` / ``accelerate launch`` the batches are shared between the processes
+    (:py:func:`zennit_attn.evaluation.evaluate`); every process gets the full result, process 0 alone writes and prints.
+    '''
+    from .evaluation import evaluate, plot_results, process_group, save_results
     methods = check_methods(args.methods or list(DEMO_METHODS))
     if args.model not in (None, DEFAULT_MODEL):
         raise CLIError('evaluate runs on the embedded default; use benchmarks/faithfulness.py for the full benchmark')
-    task = default_image_task()
-    if args.samples <= 48:
-        from .models import load_fashion_mnist_samples
-        inputs, labels, _ = load_fashion_mnist_samples()
-    else:
-        from .data import fashion_mnist_transform, load_fashion_mnist
-        try:
-            images, labels = load_fashion_mnist('test')
-        except FileNotFoundError as error:
-            raise CLIError(str(error)) from None
-        inputs = fashion_mnist_transform(images)
-    inputs, labels = inputs[:args.samples], labels[:args.samples]
-    results = evaluate(task.model, inputs, labels, methods, steps=args.steps)
+    with process_group() as (rank, _):
+        # created before the evaluation, so that a bad path fails at once, not after it
+        out = output_dir(args.output) if rank == 0 else None
+        task = default_image_task()
+        if args.samples <= 48:
+            from .models import load_fashion_mnist_samples
+            inputs, labels, _ = load_fashion_mnist_samples()
+        else:
+            from .data import fashion_mnist_transform, load_fashion_mnist
+            try:
+                images, labels = load_fashion_mnist('test')
+            except FileNotFoundError as error:
+                raise CLIError(str(error)) from None
+            inputs = fashion_mnist_transform(images)
+        inputs, labels = inputs[:args.samples], labels[:args.samples]
+        results = evaluate(task.model, inputs, labels, methods, batch_size=args.batch_size, steps=args.steps)
+    if rank != 0:
+        return 0
     save_results(results, out)
     plot_results(results, out)
     print(faithfulness_table(results))
     print(f'results in {out.resolve()}')
     return 0
+
+
+EVALUATE_EPILOG = '''\
+several processes, on one machine or several, share the batches and give the same result as one process:
+  torchrun --nproc_per_node 4 -m zennit_attn evaluate --samples 48 --batch-size 4 -o eval
+  torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m zennit_attn evaluate ...
+  accelerate launch --multi_gpu --num_processes 4 -m zennit_attn evaluate ...   (also on CPUs: it runs torchrun)
+process 0 writes the files and prints the table.
+'''
 
 
 def positive_int(text):
@@ -740,11 +757,17 @@ def build_parser():
                          'attnlrp, cp_lrp, input_x_gradient, integrated_gradients)')
     compare.set_defaults(run=command_compare)
 
-    evaluate = commands.add_parser('evaluate', help='perturbation faithfulness (MoRF/LeRF, ABPC)')
+    evaluate = commands.add_parser(
+        'evaluate', help='perturbation faithfulness (MoRF/LeRF, ABPC)', epilog=EVALUATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     evaluate.add_argument('--model', default=DEFAULT_MODEL)
     evaluate.add_argument('--methods', nargs='+')
     evaluate.add_argument('--samples', type=int, default=48)
     evaluate.add_argument('--steps', type=int, default=20)
+    evaluate.add_argument('--batch-size', type=positive_int, default=16,
+                          help='samples per batch (default: 16); several processes share the batches, so use at '
+                          'least as many batches as processes')
     evaluate.add_argument('-o', '--output', default='zennit-attn-evaluation')
     evaluate.set_defaults(run=command_evaluate)
     return parser

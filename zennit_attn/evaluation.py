@@ -11,12 +11,23 @@ Granularity for images ``(B, C, H, W)``: ``'pixel'`` ranks the ``H·W`` pixels b
 perturbs all channels of a pixel; ``'patch'`` ranks ``patch_size × patch_size`` blocks by their summed relevance;
 ``'feature'`` ranks every element. For inputs ``(B, D)`` every element is a feature. Text: :py:func:`perturb_tokens`
 sets whole token embeddings ``(B, T, H)`` to 0 and ranks only the real tokens of the attention mask.
+
+Data parallelism. :py:func:`evaluate`, :py:func:`evaluate_tokens` and :py:func:`tune_gamma` run unchanged under
+``torchrun --nproc_per_node N script.py`` or ``accelerate launch --multi_gpu --num_processes N script.py`` (and
+``torchrun --nnodes M ...`` across nodes): every process passes the same full sample set, process ``r`` of ``W``
+computes the batches ``r, r + W, r + 2W, ...``, and the curves of all batches are gathered on every process in batch
+order. A batch is computed exactly as in one process (same samples, same batch number, hence the same random-method and
+tie-breaking seeds), so the results equal the single-process results bit for bit on the same device and kernels. See
+:py:func:`process_group`.
 '''
+import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import warnings
 
 import torch
 
@@ -27,7 +38,7 @@ from .methods import _resolve, target_logits
 __all__ = [
     'fractions_for', 'rank_features', 'perturbation_curves', 'perturb_tokens', 'abpc', 'MethodResult',
     'FaithfulnessResults', 'results_table', 'paired_difference', 'evaluate', 'evaluate_tokens', 'save_results',
-    'plot_results', 'tune_gamma', 'GammaTuning',
+    'plot_results', 'tune_gamma', 'GammaTuning', 'process_group',
 ]
 
 
@@ -312,17 +323,167 @@ def _progress(total, enabled, description):
 
 
 def _method_results(collected, fractions):
-    '''Concatenate each method's per-batch MoRF/LeRF curves and compute its ABPC.'''
-    results = {}
-    for label, curves in collected.items():
-        morf, lerf = torch.cat(curves['morf']), torch.cat(curves['lerf'])
-        results[label] = MethodResult(morf=morf, lerf=lerf, abpc=abpc(morf, lerf, fractions))
-    return results
+    '''``{label: MethodResult}`` from ``{label: (morf, lerf)}`` (all samples), with the ABPC of every sample.'''
+    return {label: MethodResult(morf=morf, lerf=lerf, abpc=abpc(morf, lerf, fractions))
+            for label, (morf, lerf) in collected.items()}
+
+
+# ------------------------------------------------------------------------------------------- data parallelism
+#: set by ``torchrun`` and ``accelerate launch`` for every process; all four are needed to join a process group
+LAUNCHER_VARIABLES = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+
+
+@contextlib.contextmanager
+def process_group(distributed=None):
+    '''Context of a data-parallel evaluation; yields ``(rank, world_size)``.
+
+    Parameters
+    ----------
+    distributed: bool, optional
+        ``None`` (default): use torch.distributed's default process group if one is initialised; otherwise, if the
+        launcher variables of ``torchrun`` / ``accelerate launch`` are set (``RANK``, ``WORLD_SIZE`` > 1,
+        ``MASTER_ADDR``, ``MASTER_PORT``), initialise a gloo group from them (``init_method='env://'``) and destroy it
+        on exit; otherwise a single process ``(0, 1)``. ``False``: always ``(0, 1)`` (each process evaluates what it
+        is given). ``True``: like ``None``, but a single process is an error.
+
+    The group created here is gloo even on GPUs: it only carries the small CPU result tensors; the model stays where
+    the caller put it. A group the caller initialised (e.g. NCCL) is used as it is and left open; for NCCL, set each
+    process's device (``torch.cuda.set_device(local_rank)``) as torch.distributed's object collectives require.
+    Nesting is cheap: an inner call finds the group of the outer one.
+    '''
+    if distributed is False:
+        yield 0, 1
+        return
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        yield dist.get_rank(), dist.get_world_size()
+        return
+    world = int(os.environ.get('WORLD_SIZE') or 1)
+    if world > 1:
+        missing = [name for name in LAUNCHER_VARIABLES if not os.environ.get(name)]
+        if missing:
+            raise RuntimeError(
+                f'WORLD_SIZE={world} is set but {", ".join(missing)} {"is" if len(missing) == 1 else "are"} not: start '
+                'the processes with torchrun or accelerate launch, or pass distributed=False to evaluate each '
+                'process on its own'
+            )
+        if not dist.is_available():
+            raise RuntimeError(f'WORLD_SIZE={world} is set, but this torch build has no torch.distributed')
+        dist.init_process_group('gloo', init_method='env://')
+        try:
+            yield dist.get_rank(), dist.get_world_size()
+        finally:
+            dist.destroy_process_group()
+        return
+    if distributed:
+        raise RuntimeError(
+            'distributed=True, but torch.distributed is not initialised and the variables torchrun / accelerate '
+            f'launch set ({", ".join(LAUNCHER_VARIABLES)}, with WORLD_SIZE > 1) are not in the environment'
+        )
+    yield 0, 1
+
+
+def _digest(*tensors):
+    '''SHA-256 of the dtype, shape and bytes of ``tensors`` (exact: identical inputs on every process).'''
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        tensor = torch.as_tensor(tensor).detach().cpu().contiguous()
+        digest.update(f'{tensor.dtype} {tuple(tensor.shape)}'.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _weight_sums(model):
+    '''float64 sum of every materialised parameter and buffer (meta tensors of offloaded models and torch's quantized
+    tensors, which have no sum, are skipped).'''
+    if not isinstance(model, torch.nn.Module):
+        return []
+    tensors = [
+        tensor for tensor in (*model.parameters(), *model.buffers())
+        if tensor.device.type != 'meta' and not tensor.is_quantized
+    ]
+    if not tensors:
+        return []
+    return torch.stack([tensor.detach().sum(dtype=torch.float64) for tensor in tensors]).cpu().tolist()
+
+
+def _check_agreement(rank_state):
+    '''Raise on every process if the processes were given different samples, targets, model or settings: their
+    shards would silently come from different problems.'''
+    import torch.distributed as dist
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rank_state)
+    first = states[0]
+    for rank, state in enumerate(states[1:], 1):
+        differing = [key for key in first if key != 'model' and state[key] != first[key]]
+        sums = state['model']
+        if len(sums) != len(first['model']) or any(
+            not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(sums, first['model'])
+        ):
+            differing.append('model weights')
+        if differing:
+            raise ValueError(
+                f'data-parallel evaluation: process {rank} differs from process 0 in {", ".join(differing)}; every '
+                'process must get the same full sample set, targets, model and settings (each evaluates its own '
+                'share of the batches)'
+            )
+
+
+def _gather(done, failure):
+    '''All ``(batch number, {label: (morf, lerf)})`` of all processes, in batch order; if any process failed, every
+    process raises (the failing one its own exception), so none waits forever in a later collective.'''
+    import torch.distributed as dist
+    everything = [None] * dist.get_world_size()
+    message = None if failure is None else f'{type(failure).__name__}: {failure}'
+    dist.all_gather_object(everything, (done, message))
+    if failure is not None:
+        raise failure
+    for rank, (_, message) in enumerate(everything):
+        if message is not None:
+            raise RuntimeError(f'data-parallel evaluation failed on process {rank}: {message}')
+    return sorted((item for items, _ in everything for item in items), key=lambda item: item[0])
+
+
+def _run_batches(batches, labels, curves_of, progress, description, distributed, rank_state):
+    '''``{label: (morf, lerf)}`` over all samples; ``curves_of(number, index, label) -> (morf, lerf)`` of one batch.
+
+    With ``W`` processes (:py:func:`process_group`), process ``r`` computes the batches ``r, r + W, ...`` and the
+    curves are gathered on every process; ``rank_state()`` (samples, targets, model, settings) is checked to agree.
+    Curves are float64 on the CPU.
+    '''
+    with process_group(distributed) as (rank, world):
+        if world > 1:
+            _check_agreement(rank_state())
+            if rank == 0 and len(batches) < world:
+                warnings.warn(
+                    f'{len(batches)} batches for {world} processes: {world - len(batches)} processes idle; use a '
+                    'smaller batch_size', stacklevel=3,
+                )
+        mine = range(rank, len(batches), world)
+        done, failure = [], None
+        with _progress(len(mine) * len(labels), progress and rank == 0, description) as bar:
+            try:
+                for number in mine:
+                    curves = {}
+                    for label in labels:
+                        bar.set_postfix_str(label)
+                        curves[label] = tuple(curve.cpu() for curve in curves_of(number, batches[number], label))
+                        bar.update(1)
+                    done.append((number, curves))
+            except Exception as error:  # pylint: disable=broad-except
+                if world == 1:
+                    raise
+                failure = error
+        if world > 1:
+            done = _gather(done, failure)
+    return {label: tuple(torch.cat([curves[label][order] for _, curves in done]) for order in (0, 1))
+            for label in labels}
 
 
 def evaluate(
     model, samples, targets, methods, batch_size=16, steps=20, granularity='pixel', patch_size=None,
     baseline_value=0., include_random=True, random_seed=0, progress=True, description='faithfulness',
+    distributed=None,
 ):
     '''Perturbation faithfulness of several attribution methods on one fixed sample set shared by all methods.
 
@@ -339,51 +500,74 @@ def evaluate(
         callable(model, inputs, target)}``.
     include_random: bool
         Add the label ``'random'`` (uniform noise, seeded per batch from ``random_seed``) unless already present.
+    progress: bool
+        Show a progress bar (on the first process only).
+    distributed: bool, optional
+        Data parallelism, see :py:func:`process_group`: by default on when torch.distributed is initialised or the
+        script was started by ``torchrun`` / ``accelerate launch``.
 
     Other parameters are those of :py:func:`perturbation_curves`.
 
     Returns
     -------
     :py:class:`FaithfulnessResults`
+        Curves and ABPC are float64 on the CPU.
+
+    Notes
+    -----
+    Several GPUs or nodes: start the same script once per device, e.g. ``torchrun --nproc_per_node 8 script.py``,
+    ``torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 script.py`` or
+    ``accelerate launch --multi_gpu --num_processes 8 script.py``; each process moves the model and ``samples`` to its
+    device (``cuda:LOCAL_RANK``) and calls ``evaluate`` with the same full sample set. Process ``r`` of ``W`` computes
+    the batches ``r, r + W, ...``, and every process returns the full, identical result (write files on rank 0 only);
+    use at least ``W`` batches. Since each batch is computed exactly as in one process (same samples, batch number and
+    seeds), the result equals the single-process one bit for bit given the same device and kernels. Processes given
+    different samples, targets, model weights or settings raise ``ValueError``; an exception on one process is raised
+    on all of them.
     '''
     table = _method_table(methods)
     if include_random and 'random' not in table:
         table['random'] = None
     targets = per_sample(targets, samples.shape[0], 'targets', samples.device)
     count = samples.shape[0]
-    collected = {label: {'morf': [], 'lerf': []} for label in table}
     fractions = fractions_for(steps)
-    batches = list(_batches(count, batch_size))
-    with _progress(len(batches) * len(table), progress, description) as bar:
-        for number, index in enumerate(batches):
-            inputs, batch_targets = samples[index], targets[index]
-            for label, explain in table.items():
-                bar.set_postfix_str(label)
-                if explain is None:
-                    explain = _resolve('random', {'seed': random_seed + number})
-                relevance = explain(model, inputs, batch_targets)
-                for order in ('morf', 'lerf'):
-                    curves, _ = perturbation_curves(
-                        model, inputs, batch_targets, relevance, order=order, steps=steps, granularity=granularity,
-                        patch_size=patch_size, baseline_value=baseline_value, seed=random_seed + number,
-                    )
-                    collected[label][order].append(curves)
-                bar.update(1)
-    results = _method_results(collected, fractions)
     metadata = dict(
         samples=count, steps=steps, granularity=granularity, patch_size=patch_size, baseline_value=baseline_value,
         random_seed=random_seed, input_shape=list(samples.shape[1:]),
     )
-    return FaithfulnessResults(fractions=fractions, methods=results, metadata=metadata)
+
+    def curves_of(number, index, label):
+        inputs, batch_targets = samples[index], targets[index]
+        explain = table[label]
+        if explain is None:
+            explain = _resolve('random', {'seed': random_seed + number})
+        relevance = explain(model, inputs, batch_targets)
+        return tuple(
+            perturbation_curves(
+                model, inputs, batch_targets, relevance, order=order, steps=steps, granularity=granularity,
+                patch_size=patch_size, baseline_value=baseline_value, seed=random_seed + number,
+            )[0]
+            for order in ('morf', 'lerf')
+        )
+
+    def rank_state():
+        return dict(settings=dict(metadata, batch_size=batch_size, methods=list(table)), samples=_digest(samples),
+                    targets=_digest(targets), model=_weight_sums(model))
+
+    collected = _run_batches(
+        list(_batches(count, batch_size)), list(table), curves_of, progress, description, distributed, rank_state,
+    )
+    return FaithfulnessResults(fractions=fractions, methods=_method_results(collected, fractions), metadata=metadata)
 
 
 def evaluate_tokens(
     model, embeddings, attention_mask, targets, methods, batch_size=16, steps=20, include_random=True, random_seed=0,
-    progress=True, description='token faithfulness', forward=None,
+    progress=True, description='token faithfulness', forward=None, distributed=None,
 ):
     ''':py:func:`evaluate` for text: token relevance from ``methods`` ``{label: explain(embeddings, mask, targets) ->
     (B, T) or (B, T, H)}``, curves from :py:func:`perturb_tokens` (whole token embeddings set to 0, only real tokens
-    ranked). ``'random'`` (uniform token scores) is always added unless present.
+    ranked). ``'random'`` (uniform token scores) is always added unless present. Data parallel like
+    :py:func:`evaluate` (``distributed``).
     '''
     table = dict(methods)
     if include_random and 'random' not in table:
@@ -391,28 +575,32 @@ def evaluate_tokens(
     count = embeddings.shape[0]
     targets = per_sample(targets, count, 'targets', embeddings.device)
     fractions = fractions_for(steps)
-    collected = {label: {'morf': [], 'lerf': []} for label in table}
-    batches = list(_batches(count, batch_size))
-    with _progress(len(batches) * len(table), progress, description) as bar:
-        for number, index in enumerate(batches):
-            embeds, mask, batch_targets = embeddings[index], attention_mask[index], targets[index]
-            for label, explain in table.items():
-                bar.set_postfix_str(label)
-                if explain is None:
-                    generator = torch.Generator().manual_seed(random_seed + number)
-                    relevance = torch.rand(mask.shape, generator=generator, dtype=torch.float64).to(mask.device)
-                else:
-                    relevance = explain(embeds, mask, batch_targets)
-                for order in ('morf', 'lerf'):
-                    curves, _ = perturb_tokens(
-                        model, embeds, mask, batch_targets, relevance, order=order, steps=steps,
-                        seed=random_seed + number, forward=forward,
-                    )
-                    collected[label][order].append(curves)
-                bar.update(1)
-    results = _method_results(collected, fractions)
     metadata = dict(samples=count, steps=steps, granularity='token', baseline_value=0., random_seed=random_seed)
-    return FaithfulnessResults(fractions=fractions, methods=results, metadata=metadata)
+
+    def curves_of(number, index, label):
+        embeds, mask, batch_targets = embeddings[index], attention_mask[index], targets[index]
+        explain = table[label]
+        if explain is None:
+            generator = torch.Generator().manual_seed(random_seed + number)
+            relevance = torch.rand(mask.shape, generator=generator, dtype=torch.float64).to(mask.device)
+        else:
+            relevance = explain(embeds, mask, batch_targets)
+        return tuple(
+            perturb_tokens(
+                model, embeds, mask, batch_targets, relevance, order=order, steps=steps, seed=random_seed + number,
+                forward=forward,
+            )[0]
+            for order in ('morf', 'lerf')
+        )
+
+    def rank_state():
+        return dict(settings=dict(metadata, batch_size=batch_size, methods=list(table)),
+                    samples=_digest(embeddings, attention_mask), targets=_digest(targets), model=_weight_sums(model))
+
+    collected = _run_batches(
+        list(_batches(count, batch_size)), list(table), curves_of, progress, description, distributed, rank_state,
+    )
+    return FaithfulnessResults(fractions=fractions, methods=_method_results(collected, fractions), metadata=metadata)
 
 
 # ------------------------------------------------------------------------------------------------ saving, plots
@@ -514,12 +702,13 @@ class GammaTuning:
 def tune_gamma(
     model, samples, targets, conv_gammas=(0., 0.1, 0.25, 0.5, 1.), linear_gammas=(0., 0.01, 0.05, 0.1, 0.25),
     composite='attnlrp_vit', batch_size=16, steps=20, granularity='pixel', patch_size=None, baseline_value=0.,
-    progress=True, **composite_options,
+    progress=True, distributed=None, **composite_options,
 ):
     '''Choose ``(conv_gamma, linear_gamma)`` of a vision composite by ABPC on (held-out) ``samples``.
 
     Every setting is scored by the mean ABPC of :py:func:`evaluate` (same protocol parameters); ties go to the first
-    setting in grid order. Use samples disjoint from the ones the tuned composite is finally evaluated on.
+    setting in grid order. Use samples disjoint from the ones the tuned composite is finally evaluated on. Data
+    parallel like :py:func:`evaluate` (``distributed``; one process group for the whole grid).
 
     Returns
     -------
@@ -530,16 +719,17 @@ def tune_gamma(
     table = []
     settings = [(float(c), float(g)) for c in conv_gammas for g in linear_gammas]
     from tqdm.auto import tqdm
-    for conv_gamma, linear_gamma in tqdm(settings, disable=not progress, desc='gamma grid'):
-        instance = composite_type(conv_gamma=conv_gamma, linear_gamma=linear_gamma, **composite_options)
-        result = evaluate(
-            model, samples, targets, {'composite': instance}, batch_size=batch_size, steps=steps,
-            granularity=granularity, patch_size=patch_size, baseline_value=baseline_value, include_random=False,
-            progress=False,
-        ).methods['composite']
-        table.append(dict(
-            conv_gamma=conv_gamma, linear_gamma=linear_gamma, abpc_mean=result.abpc_mean, abpc_se=result.abpc_se,
-        ))
+    with process_group(distributed) as (rank, _):
+        for conv_gamma, linear_gamma in tqdm(settings, disable=not progress or rank != 0, desc='gamma grid'):
+            instance = composite_type(conv_gamma=conv_gamma, linear_gamma=linear_gamma, **composite_options)
+            result = evaluate(
+                model, samples, targets, {'composite': instance}, batch_size=batch_size, steps=steps,
+                granularity=granularity, patch_size=patch_size, baseline_value=baseline_value, include_random=False,
+                progress=False, distributed=distributed,
+            ).methods['composite']
+            table.append(dict(
+                conv_gamma=conv_gamma, linear_gamma=linear_gamma, abpc_mean=result.abpc_mean, abpc_se=result.abpc_se,
+            ))
     best = max(table, key=lambda row: row['abpc_mean'])  # max keeps the first of equal scores
     setting = (best['conv_gamma'], best['linear_gamma'])
     return GammaTuning(
