@@ -673,6 +673,10 @@ class Engine:
         return result
 
     # ---------------------------------------------------------------------------------------------------- helpers
+    def _refuse(self, name, output):
+        '''Refuse operation ``name`` (whose ``output`` is already computed) as having no rule (unless lenient).'''
+        return self._unknown(name, lambda: output, (), {}, force=True)
+
     def _attach(self, op, carrier, inputs, output, role=None):
         '''Connect ``output`` (computed by the original function) to ``inputs`` through one node whose backward is the
         rule of ``carrier``; returns ``output`` unchanged if no input depends on the model input.'''
@@ -778,9 +782,9 @@ class Engine:
             return None
         return self._attach('add', self._carrier('rotary', layers.RotaryEmbedding), (x, cos, sin), output)
 
-    def _scale(self, tensor, factor, op):
-        '''``factor * tensor`` through the identity rule (constant scaling, negation).'''
-        output = tensor * factor
+    def _scale(self, tensor, factor, op, output=None):
+        '''``factor * tensor`` (or its given ``output``) through the identity rule (constant scaling, negation).'''
+        output = tensor * factor if output is None else output
         return self._attach(op, self._carrier(('scale', factor), lambda: layers.Scale(factor)), (tensor,), output)
 
     def _sub(self, name, func, args, kwargs):
@@ -802,9 +806,7 @@ class Engine:
         if scalar is not None:
             # scaling by a number: the identity rule
             x = a if scalar is b else b
-            factor = float(scalar)
-            result = self._attach(name, self._carrier(('scale', factor), lambda: layers.Scale(factor)), (x,), output)
-            return self._inherit(result, x)
+            return self._inherit(self._scale(x, float(scalar), name, output), x)
         a, b = self._constant(a, output), self._constant(b, output)
         gate_a, gate_b = self._role(a) == 'gate', self._role(b) == 'gate'
         if gate_a != gate_b and not all(_differentiable(tensor) and _is_variable(tensor) for tensor in (a, b)):
@@ -839,9 +841,9 @@ class Engine:
             if summed is not None and summed is (a if dividend is None else dividend) and \
                     versions == (summed._version, b._version) and bound['rounding_mode'] is None:
                 return self._inherit(self._attach(name, layers.Renormalize(dim), (a,), output), a)
-            return self._unknown('div', lambda: output, (), {}, force=True)
+            return self._refuse('div', output)
         if bound['rounding_mode'] is not None and _differentiable(a) and _is_variable(a):
-            return self._unknown(f'div(rounding_mode={bound["rounding_mode"]!r})', lambda: output, (), {}, force=True)
+            return self._refuse(f'div(rounding_mode={bound["rounding_mode"]!r})', output)
         if _scalar(b):
             factor = float(b)
             carrier = self._carrier(('divide', factor), lambda: layers.Scale(factor, divide=True))
@@ -854,7 +856,7 @@ class Engine:
         # number / tensor
         output = func(*args, **kwargs)
         if any(_differentiable(tensor) and _is_variable(tensor) for tensor in _tensors(args)):
-            return self._unknown('div', lambda: output, (), {}, force=True)
+            return self._refuse('div', output)
         return output
 
     def _neg(self, name, func, args, kwargs):
@@ -878,7 +880,7 @@ class Engine:
         if not any(_differentiable(tensor) and _is_variable(tensor) for tensor in (a, b)):
             return output
         if a.ndim < 2 or b.ndim < 2:
-            return self._unknown(f'{name} of a vector', lambda: output, (), {}, force=True)
+            return self._refuse(f'{name} of a vector', output)
         role_a, role_b = self._role(a), self._role(b)
         if role_a == 'probabilities':
             carrier = self._carrier('context', layers.AttentionContext)
@@ -905,7 +907,7 @@ class Engine:
         if not (_differentiable(x) and _is_variable(x)):
             return output
         if dim is None:
-            return self._unknown('softmax without dim', lambda: output, (), {}, force=True)
+            return self._refuse('softmax without dim', output)
         attention = self._role(x) == 'scores'
         carrier = (layers.AttentionSoftmax if attention else layers.Softmax)(dim=dim, dtype=bound['dtype'])
         result = self._attach('softmax', carrier, (x,), output)
@@ -976,10 +978,10 @@ class Engine:
     def _linear_node(self, name, x, weight, bias, output):
         if not (_differentiable(x) and _is_variable(x)):
             if any(_differentiable(tensor) and _is_variable(tensor) for tensor in (weight, bias)):
-                return self._unknown(f'{name} with an input-dependent weight', lambda: output, (), {}, force=True)
+                return self._refuse(f'{name} with an input-dependent weight', output)
             return output
         if any(_differentiable(tensor) and _is_variable(tensor) for tensor in (weight, bias)):
-            return self._unknown(f'{name} with an input-dependent weight', lambda: output, (), {}, force=True)
+            return self._refuse(f'{name} with an input-dependent weight', output)
         frame = self.stack[-1] if self.stack else None
         role = 'attention_projection' if frame is not None and frame.attention else None
         return self._attach(name, _LinearCall(weight, bias), (x,), output, role=role)
@@ -989,7 +991,7 @@ class Engine:
         bound = _bind(('input', 'mat1', 'mat2'), args, kwargs, {'beta': 1, 'alpha': 1})
         output = func(*args, **kwargs)
         if bound['beta'] != 1 or bound['alpha'] != 1:
-            return self._unknown('addmm with alpha/beta', lambda: output, (), {}, force=True)
+            return self._refuse('addmm with alpha/beta', output)
         return self._linear_node('addmm', bound['mat1'], bound['mat2'].t(), bound['input'], output)
 
     def _conv(self, name, func, args, kwargs):
@@ -1000,7 +1002,7 @@ class Engine:
         if not any(_differentiable(tensor) and _is_variable(tensor) for tensor in (x, weight, bias)):
             return output
         if any(_differentiable(tensor) and _is_variable(tensor) for tensor in (weight, bias)):
-            return self._unknown(f'{name} with an input-dependent weight', lambda: output, (), {}, force=True)
+            return self._refuse(f'{name} with an input-dependent weight', output)
         carrier = _conv_call(weight, bias, bound['stride'], bound['padding'], bound['dilation'], bound['groups'])
         return self._attach(name, carrier, (x,), output)
 
