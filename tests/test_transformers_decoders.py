@@ -240,6 +240,16 @@ def attention_sites(sites):
     return [site for site in sites if site.rsplit('.', 1)[-1].split('_')[0] in ('attention', 'softmax')]
 
 
+def sites_of_unchanged_forward(wrapper, embeds):
+    '''The operation sites AttnLRP attributes in ``wrapper(embeds)``, asserting that the forward is bit-identical.'''
+    x = embeds.clone().requires_grad_(True)
+    expected = wrapper(x)
+    with AttnLRP().context(wrapper), recorded_sites() as sites:
+        actual = wrapper(x)
+    assert torch.equal(actual, expected)
+    return sites
+
+
 @pytest.mark.parametrize('family', LLAMA_LIKE)
 @pytest.mark.parametrize('attn_implementation,fused', [('sdpa', True), ('sdpa', False), ('eager', True)],
                          ids=['sdpa-fused', 'sdpa-unfolded', 'eager'])
@@ -481,11 +491,7 @@ def test_gpt2_token_type_ids_run_through_the_engine():
     embeds, mask, positions = inputs(model)
     token_types = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(6))
     wrapper = NextToken(model, mask, positions, token_type_ids=token_types)
-    x = embeds.clone().requires_grad_(True)
-    expected = wrapper(x)
-    with AttnLRP().context(wrapper), recorded_sites() as sites:
-        actual = wrapper(x)
-    assert torch.equal(actual, expected)
+    sites = sites_of_unchanged_forward(wrapper, embeds)
     assert sites[:2] == ['model.transformer.add', 'model.transformer.add_1']  # position and token-type sums
     # the oracle adds wpe.weight[position_ids]: give it a table whose rows are position + token-type embeddings
     with torch.no_grad():
@@ -519,11 +525,7 @@ def test_gpt2_cross_attention_runs_and_conserves(attn_implementation):
     embeds, mask, positions = inputs(model, batch=1 if attn_implementation == 'eager' else 2)
     encoder = torch.randn(len(embeds), 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     wrapper = NextToken(model, mask, positions, encoder_hidden_states=encoder)
-    x = embeds.clone().requires_grad_(True)
-    expected = wrapper(x)
-    with AttnLRP().context(wrapper), recorded_sites() as sites:
-        actual = wrapper(x)
-    assert torch.equal(actual, expected)
+    sites = sites_of_unchanged_forward(wrapper, embeds)
     core = 'softmax' if attn_implementation == 'eager' else 'attention'
     assert attention_sites(sites) == [
         f'model.transformer.h.{index}.{part}.{core}' for index in range(2) for part in ('attn', 'crossattention')
