@@ -83,6 +83,8 @@ def test_contrast_is_the_difference_of_the_two_single_target_runs(llama):
     first, second = run(continuation=[7]), run(continuation=[9])
     assert torch.allclose(contrastive.relevance, first.relevance - second.relevance, rtol=1e-9, atol=1e-14)
     assert contrastive.target_values[0] == pytest.approx(float(first.target_values[0] - second.target_values[0]))
+    # the summary names the difference, not a plain logit
+    assert 'logit - logit[9]=' in str(contrastive) and 'logit - logit' not in str(first)
 
 
 def test_probability_target_scales_the_logit_relevance(llama):

@@ -227,12 +227,24 @@ class GenerationAttribution:
         fig.tight_layout()
         return save_figure(fig, path)
 
+    def value_label(self, row=0):
+        '''What :py:attr:`target_values` of ``row`` is, e.g. ``'logit'`` or ``'logit - logit[1234]'`` with a contrast
+        (a contrast subtracts the contrast token's logit for ``'logit'`` and ``'log_probability'``, the log-softmax
+        normaliser cancelling, and its probability for ``'probability'``).'''
+        name = self.target if isinstance(self.target, str) else getattr(self.target, '__name__', 'target')
+        if self.contrast_ids is None:
+            return name
+        contrast = int(self.contrast_ids[row])
+        if name == 'log_probability':
+            return f'log_probability - log_probability[{contrast}]'
+        return f'{name} - {name}[{contrast}]'
+
     def __str__(self):
         sources, targets = self._labels()
-        lines = [f'{len(targets)} generated tokens explained with {self.composite} ({self.target}):']
+        lines = [f'{len(targets)} generated tokens explained with {self.composite} ({self.value_label()}):']
         for row, target in enumerate(targets):
             top = ', '.join(f'{sources[column]!r} {value:+.3g}' for column, _, value in self.top(row, 3))
-            lines.append(f'  {target!r:>16} {self.target}={float(self.target_values[row]):+.3g} '
+            lines.append(f'  {target!r:>16} {self.value_label(row)}={float(self.target_values[row]):+.3g} '
                          f'sum={float(self.relevance[row].sum()):+.3g}  top: {top}')
         return '\n'.join(lines)
 
