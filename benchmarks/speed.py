@@ -52,12 +52,13 @@ class SavedTensorBytes:
         return False
 
 
-def measure(run, model, device, repeats):
-    '''Median wall time and process CPU time over ``repeats`` runs after one warm-up, and the bytes saved for the
+def measure(run, model, device, repeats, warmup=1):
+    '''Median wall time and process CPU time over ``repeats`` runs after ``warmup`` runs, and the bytes saved for the
     backward pass (on a GPU: the allocator's peak above the starting level).
     '''
     device = torch.device(device)
-    run()
+    for _ in range(warmup):
+        run()
     wall, cpu = [], []
     for _ in range(repeats):
         if device.type == 'cuda':
@@ -90,34 +91,41 @@ def _status_kib(key):
 
 def child_peak(setting, method, args):
     '''In this (child) process: the peak resident memory one attribution adds above what the model and the warmed-up
-    process hold, from the kernel's high-water mark (Linux). glibc is told to return large blocks to the system at once
-    (``MALLOC_MMAP_THRESHOLD_``, set by the parent), so freed memory does not hide in the allocator.
+    process hold, from the kernel's high-water mark (Linux), and the wall and CPU seconds of that attribution. glibc is
+    told to return large blocks to the system at once (``MALLOC_MMAP_THRESHOLD_``, set by the parent), so freed memory
+    does not hide in the allocator.
     '''
     model, runs = setting_runs(setting, args, only=method)
     run = runs[method]
-    run()
+    for _ in range(args.warmup):
+        run()
     gc.collect()
     # writing 5 to clear_refs resets the high-water mark to the current resident size
     with open('/proc/self/clear_refs', 'w') as file:
         file.write('5')
     base = _status_kib('VmRSS')
+    start, start_cpu = time.perf_counter(), time.process_time()
     run()
-    return (_status_kib('VmHWM') - base) * 1024
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+    return f'{(_status_kib("VmHWM") - base) * 1024} {seconds} {cpu_seconds}'
 
 
 def peak_in_child(setting, method, args):
-    '''Run :py:func:`child_peak` in a fresh process (CPU only) and return its peak bytes, or None where unsupported.'''
+    '''Run :py:func:`child_peak` in a fresh process (CPU only) and return its peak bytes, wall and CPU seconds, or
+    None where unsupported.
+    '''
     if args.device != 'cpu' or not os.path.exists('/proc/self/clear_refs'):
         return None
     command = [
         sys.executable, __file__, '--child-peak', setting, method, '--device', args.device,
-        '--n-iter', str(args.n_iter),
+        '--n-iter', str(args.n_iter), '--warmup', str(args.warmup),
     ]
     if args.threads:
         command += ['--threads', str(args.threads)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-    return int(result.stdout.strip().splitlines()[-1])
+    peak, seconds, cpu_seconds = result.stdout.strip().splitlines()[-1].split()
+    return int(peak), float(seconds), float(cpu_seconds)
 
 
 def attribution_runs(model, x, seed_fn, composites, n_iter, only=None):
@@ -167,7 +175,7 @@ def setting_runs(setting, args, only=None):
         from transformers import LlamaConfig, LlamaForCausalLM
         config = LlamaConfig(
             vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-            num_key_value_heads=4, max_position_embeddings=4096, use_cache=False,
+            num_key_value_heads=4, max_position_embeddings=max(4096, size), use_cache=False,
         )
         decoder = LlamaForCausalLM(config).eval().to(args.device)
         model = EmbeddingsToLogit(decoder)
@@ -177,33 +185,50 @@ def setting_runs(setting, args, only=None):
         composites, n_iter = ['attnlrp', 'cp_lrp'], 0
     else:
         raise ValueError(f'unknown setting {setting!r}')
-    return model, attribution_runs(model, x, lambda y: y * onehot, composites, n_iter, only=only)
+    runs = attribution_runs(model, x, lambda y: y * onehot, composites, n_iter, only=only)
+    if args.methods and only is None:
+        unknown = set(args.methods) - set(runs)
+        if unknown:
+            raise ValueError(f'unknown methods {sorted(unknown)} for {setting}; known: {sorted(runs)}')
+        # the gradient stays first: every ratio is to it
+        runs = {name: run for name, run in runs.items() if name == 'gradient' or name in args.methods}
+    return model, runs
 
 
 def benchmark(setting, args):
-    '''Time every method of ``setting`` in this process and its peak memory in a child process, as ratios.'''
+    '''Time every method of ``setting`` in this process and its peak memory in a child process, as ratios. With
+    ``--child-only`` (long inputs), each method runs once, in its own process, which gives both time and peak.
+    '''
     rows = []
     model, runs = setting_runs(setting, args)
     for name, run in runs.items():
-        seconds, cpu_seconds, memory = measure(run, model, args.device, args.repeats)
-        rows.append({
-            'method': name, 'seconds': seconds, 'cpu_seconds': cpu_seconds, 'peak_bytes': memory,
-            'peak_rss_bytes': peak_in_child(setting, name, args),
-        })
+        if args.child_only:
+            peak, seconds, cpu_seconds = peak_in_child(setting, name, args)
+            row = {'method': name, 'seconds': seconds, 'cpu_seconds': cpu_seconds, 'peak_bytes': None}
+        else:
+            seconds, cpu_seconds, memory = measure(run, model, args.device, args.repeats, args.warmup)
+            child = peak_in_child(setting, name, args)
+            peak = None if child is None else child[0]
+            row = {'method': name, 'seconds': seconds, 'cpu_seconds': cpu_seconds, 'peak_bytes': memory}
+        rows.append(dict(row, peak_rss_bytes=peak))
     base = rows[0]
     length = int(setting.split(':')[1])
     # on a CPU shared with other processes, process CPU time is the steadier measure of work
     key = 'seconds' if args.device != 'cpu' or args.wall_time else 'cpu_seconds'
     for row in rows:
         row['time_ratio'] = row[key] / base[key]
-        row['memory_ratio'] = row['peak_bytes'] / max(base['peak_bytes'], 1)
+        if row['peak_bytes'] is not None:
+            row['memory_ratio'] = row['peak_bytes'] / max(base['peak_bytes'], 1)
         if row['peak_rss_bytes'] is not None:
             row['peak_rss_ratio'] = row['peak_rss_bytes'] / max(base['peak_rss_bytes'], 1)
         if setting.startswith('llama'):
             row['ms_per_token'] = row['seconds'] * 1e3 / length
+            row['cpu_ms_per_token'] = row['cpu_seconds'] * 1e3 / length
         peak = f'{row["peak_rss_ratio"]:6.2f}x peak' if 'peak_rss_ratio' in row else ''
-        print(f'  {setting:<14} {row["method"]:<30} {row["time_ratio"]:6.2f}x time  {row["memory_ratio"]:6.2f}x saved '
-              f'{peak}  ({row["seconds"] * 1e3:9.1f} ms, {row["peak_bytes"] / 2 ** 20:8.1f} MiB)', flush=True)
+        saved = f'{row["memory_ratio"]:6.2f}x saved ' if 'memory_ratio' in row else ''
+        size = row['peak_bytes'] if row['peak_bytes'] is not None else row['peak_rss_bytes']
+        print(f'  {setting:<14} {row["method"]:<30} {row["time_ratio"]:6.2f}x time  {saved}{peak}  '
+              f'({row["seconds"] * 1e3:9.1f} ms, {size / 2 ** 20:8.1f} MiB)', flush=True)
     return {'setting': setting, 'rows': rows}
 
 
@@ -216,8 +241,34 @@ def markdown(results):
     for result in results['settings']:
         for row in result['rows']:
             peak = f'{row["peak_rss_ratio"]:.2f}x' if 'peak_rss_ratio' in row else 'n/a'
-            lines.append(f'| {result["setting"]} | {row["method"]} | {row["time_ratio"]:.2f}x | '
-                         f'{row["memory_ratio"]:.2f}x | {peak} |')
+            saved = f'{row["memory_ratio"]:.2f}x' if 'memory_ratio' in row else 'n/a'
+            lines.append(f'| {result["setting"]} | {row["method"]} | {row["time_ratio"]:.2f}x | {saved} | {peak} |')
+    return '\n'.join(lines)
+
+
+def long_context(results):
+    '''The llama settings by length: CPU ms per token of each method and AttnLRP's ratios to the gradient, or None.
+
+    The gradient's time per token grows with the length through attention's quadratic part; AttnLRP adds nothing
+    quadratic of its own if its ratio to the gradient stays flat.
+    '''
+    settings = [result for result in results['settings'] if result['setting'].startswith('llama')]
+    if not settings:
+        return None
+    methods = [row['method'] for row in settings[0]['rows']]
+    lines = [
+        '| tokens | ' + ' | '.join(f'{method} CPU ms/token' for method in methods)
+        + ' | ' + ' | '.join(f'{method} time / gradient | {method} peak / gradient' for method in methods[1:]) + ' |',
+        '|---' * (1 + len(methods) + 2 * (len(methods) - 1)) + '|',
+    ]
+    for result in settings:
+        rows = {row['method']: row for row in result['rows']}
+        cells = [result['setting'].split(':')[1]]
+        cells += [f'{rows[method]["cpu_ms_per_token"]:.1f}' for method in methods]
+        for method in methods[1:]:
+            peak = rows[method].get('peak_rss_ratio')
+            cells += [f'{rows[method]["time_ratio"]:.2f}x', 'n/a' if peak is None else f'{peak:.2f}x']
+        lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -225,6 +276,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--warmup', type=int, default=1, help='untimed runs before the timed ones (0 for long runs)')
+    parser.add_argument('--methods', nargs='+', help='only these methods (besides the gradient, the reference)')
     parser.add_argument('--n-iter', type=int, default=20, help='iterations of IG and SmoothGrad (0 to skip)')
     parser.add_argument('--settings', nargs='+', default=[
         'vit_b_16:1', 'vit_b_16:8', 'llama:128', 'llama:512', 'llama:1024',
@@ -232,6 +285,8 @@ def main():
     parser.add_argument('--output', default='benchmarks/speed.json')
     parser.add_argument('--wall-time', action='store_true', help='ratios of wall time instead of CPU time on CPU')
     parser.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s choice)')
+    parser.add_argument('--child-only', action='store_true',
+                        help='run each method once in its own process, for time and peak memory (long inputs)')
     parser.add_argument('--child-peak', nargs=2, metavar=('SETTING', 'METHOD'), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -246,6 +301,9 @@ def main():
     with open(args.output, 'w') as file:
         json.dump(results, file, indent=2)
     print(markdown(results))
+    table = long_context(results)
+    if table:
+        print(table)
     print(f'wrote {args.output}')
 
 
