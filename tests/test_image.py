@@ -222,3 +222,29 @@ def test_heatmap_grid_scale_and_errors(signed_map):
         heatmap_grid([[signed_map]], ['a', 'b'])
     with pytest.raises(ValueError):
         heatmap_grid([[signed_map, np.zeros((3, 3))]], ['a', 'b'])
+
+
+def test_save_png_dpi_metadata(tmp_path):
+    path = save_png(np.zeros((4, 5, 3), dtype=np.uint8), tmp_path / 'a.png', dpi=300)
+    with Image.open(path) as image:
+        assert image.size == (5, 4) and image.info['dpi'][0] == pytest.approx(300, abs=0.1)
+
+
+def test_save_figure_formats_and_dpi(tmp_path):
+    '''The suffix chooses the format; a PNG is rendered at the requested dpi (not the figure's) and records it.'''
+    from zennit_attn.image import save_figure
+    fig = Figure(figsize=(2., 1.), dpi=50)
+    fig.add_axes([0.1, 0.1, 0.8, 0.8]).plot([0, 1], [1, 0])
+    save_figure(fig, tmp_path / 'f.png', dpi=200)
+    with Image.open(tmp_path / 'f.png') as image:
+        assert image.mode == 'RGB' and image.size == (400, 200)
+        assert image.info['dpi'][0] == pytest.approx(200, abs=0.1)
+    # the figure keeps its own dpi, and without dpi= it is rendered at it
+    assert fig.dpi == 50
+    save_figure(fig, tmp_path / 'own.png')
+    with Image.open(tmp_path / 'own.png') as image:
+        assert image.size == (100, 50)
+    save_figure(fig, tmp_path / 'sub' / 'f.pdf', dpi=200)
+    assert (tmp_path / 'sub' / 'f.pdf').read_bytes().startswith(b'%PDF-')
+    save_figure(fig, tmp_path / 'f.svg')
+    assert b'<svg' in (tmp_path / 'f.svg').read_bytes()[:2000]

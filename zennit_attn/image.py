@@ -56,7 +56,9 @@ def to_numpy(obj):
         The data as a numpy array.
     '''
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().numpy()
+        obj = obj.detach().cpu()
+        # numpy has no bfloat16; float32 holds every bfloat16 value exactly
+        return (obj.float() if obj.dtype == torch.bfloat16 else obj).numpy()
     return np.asarray(obj)
 
 
@@ -296,7 +298,7 @@ def overlay(image, heatmap, alpha=0.5, mean=None, std=None):
     return np.floor(blend + 0.5).astype(np.uint8)
 
 
-def save_png(array, path):
+def save_png(array, path, dpi=None):
     '''Write a ``uint8`` RGB (H, W, 3) or grey (H, W) array as an RGB PNG.
 
     Parameters
@@ -305,6 +307,8 @@ def save_png(array, path):
         ``uint8`` image; grey images are stored as RGB.
     path : str or :py:obj:`os.PathLike`
         Output file; missing parent directories are created.
+    dpi : float, optional
+        Resolution stored in the PNG's metadata (pHYs), if given.
 
     Returns
     -------
@@ -322,7 +326,8 @@ def save_png(array, path):
     if parent:
         os.makedirs(parent, exist_ok=True)
     # build an RGB image directly: palette images from zennit.image.imgify fail to save on Pillow 13 + numpy 2.4
-    Image.fromarray(np.ascontiguousarray(array)).convert('RGB').save(path, format='PNG')
+    options = {} if dpi is None else {'dpi': (dpi, dpi)}
+    Image.fromarray(np.ascontiguousarray(array)).convert('RGB').save(path, format='PNG', **options)
     return path
 
 
@@ -447,15 +452,18 @@ def heatmap_grid(rows, column_titles, row_titles=None, path=None, scale=4, cmap=
     return fig
 
 
-def save_figure(fig, path):
-    '''Render a matplotlib figure with Agg and write it as an RGB PNG (savefig would write RGBA).
+def save_figure(fig, path, dpi=None):
+    '''Write a matplotlib figure as PNG (RGB, with dpi metadata), PDF or SVG, chosen by the suffix of ``path``.
 
     Parameters
     ----------
     fig : :py:obj:`matplotlib.figure.Figure`
-        The figure; it is rendered at its own dpi.
+        The figure.
     path : str or :py:obj:`os.PathLike`
-        Output file; missing parent directories are created.
+        Output file ending in .png (also the default for any other suffix), .pdf or .svg; missing parent directories
+        are created.
+    dpi : int, optional
+        Resolution (default: the figure's own): pixels per inch of a PNG, and of the images embedded in a PDF or SVG.
 
     Returns
     -------
@@ -463,10 +471,25 @@ def save_figure(fig, path):
         ``path``.
     '''
     agg = mpl().FigureCanvasAgg
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    dpi = fig.dpi if dpi is None else dpi
+    if suffix in ('.pdf', '.svg'):
+        parent = os.path.dirname(os.fspath(path))
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        fig.savefig(path, format=suffix[1:], dpi=dpi, facecolor=fig.get_facecolor())
+        return path
     # a figure on another backend's canvas (e.g. made with pyplot) is moved to an Agg canvas to be rendered
     canvas = fig.canvas if isinstance(fig.canvas, agg) else agg(fig)
-    canvas.draw()
-    return save_png(np.asarray(canvas.buffer_rgba())[..., :3], path)
+    own_dpi = fig.dpi
+    fig.set_dpi(dpi)
+    try:
+        canvas.draw()
+        pixels = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    finally:
+        fig.set_dpi(own_dpi)
+    # savefig would write RGBA; an RGB PNG with the dpi as metadata prints at the intended size
+    return save_png(pixels, path, dpi=dpi)
 
 
 def _wrap(text, width):
