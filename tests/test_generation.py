@@ -85,6 +85,10 @@ def test_contrast_is_the_difference_of_the_two_single_target_runs(llama):
     assert contrastive.target_values[0] == pytest.approx(float(first.target_values[0] - second.target_values[0]))
     # the summary names the difference, not a plain logit
     assert 'logit - logit[9]=' in str(contrastive) and 'logit - logit' not in str(first)
+    # one contrast id per generated row
+    longer = run(max_new_tokens=3, contrast=9)
+    assert longer.contrast_ids.tolist() == [9] * len(longer.target_tokens)
+    assert str(longer).count('logit - logit[9]=') == 3
 
 
 def test_probability_target_scales_the_logit_relevance(llama):

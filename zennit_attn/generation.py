@@ -136,7 +136,7 @@ class GenerationAttribution:
 
     def to_html(self, path=None, title=None, exclude_special=True, cmap='bwr'):
         '''The relevance matrix as a self-contained HTML page (rows: generated tokens, columns: source tokens; the
-        cell colour is the relevance divided by the largest |relevance| in the matrix, the value shows on hover).
+        cell colour is the relevance divided by the largest absolute relevance in the matrix, the value shows on hover).
 
         Parameters
         ----------
@@ -571,7 +571,7 @@ def explain_generation(
             probabilities=probabilities[sample, :count].cpu(),
             prompt_length=length,
             target=target if isinstance(target, str) else getattr(target, '__name__', 'callable'),
-            contrast_ids=None if contrast_ids is None else contrast_ids[:count].cpu(),
+            contrast_ids=None if contrast_ids is None else contrast_ids[sample].repeat(count).cpu(),
             composite=baseline.name if baseline is not None else type(composite).__name__,
         ))
     return results[0] if single else results
