@@ -107,7 +107,7 @@ def run_images(args, out, report):
     (inputs, labels, indices), (tune_inputs, tune_labels, tune_indices) = image_data(
         args.samples, args.tune_samples, args.seed,
     )
-    targets, tune_targets = predictions(model, inputs), predictions(model, tune_inputs)
+    targets = predictions(model, inputs)
     accuracy = (targets == labels).double().mean().item()
     log(f'{description}: {len(inputs)} evaluation images (accuracy {accuracy:.3f}), {len(tune_inputs)} tuning images')
     report.append(
@@ -125,8 +125,8 @@ def run_images(args, out, report):
     if not args.skip_tuning:
         started = time.perf_counter()
         tuning = tune_gamma(
-            model, tune_inputs, tune_targets, conv_gammas=args.conv_gammas, linear_gammas=args.linear_gammas,
-            composite='attnlrp_vit', granularity='pixel', **common,
+            model, tune_inputs, tune_labels, conv_gammas=args.conv_gammas, linear_gammas=args.linear_gammas,
+            composite='attnlrp_vit', granularity='pixel', target='predicted', **common,
         )
         write_tuning(tuning, out)
         preset = next((row for row in tuning.table if (row['conv_gamma'], row['linear_gamma']) == PAPER_PRESET), None)
@@ -146,8 +146,8 @@ def run_images(args, out, report):
         started = time.perf_counter()
         patch_size = model.patch_size if granularity == 'patch' else None
         results = evaluate(
-            model, inputs, targets, methods, granularity=granularity, patch_size=patch_size,
-            description=f'images/{granularity}', random_seed=args.seed, **common,
+            model, inputs, labels, methods, granularity=granularity, patch_size=patch_size,
+            description=f'images/{granularity}', random_seed=args.seed, target='predicted', **common,
         )
         results.metadata.update(model=description, test_indices=indices.tolist(), targets='predicted class')
         directory = os.path.join(out, f'image_{granularity}')
@@ -165,11 +165,13 @@ def paired_lines(results):
     tuned = next((name for name in results.methods if name.startswith('attnlrp_vit (tuned')), None)
     pairs = [(tuned, 'attnlrp_vit'), ('attnlrp_vit', 'attnlrp'), ('attnlrp_vit', 'cp_lrp_vit'),
              ('attnlrp_vit', 'integrated_gradients'), (tuned, 'integrated_gradients')]
-    lines = ['Paired ABPC differences (mean ± paired s.e. over the same samples):', '']
+    lines = ['Paired ABPC differences over the same samples (mean ± paired s.e., 95 % percentile bootstrap interval '
+             'with 10000 resamples and seed 0, win rate):', '']
     for first, second in pairs:
         if first in results.methods and second in results.methods:
-            mean, se = paired_difference(results, first, second)
-            lines.append(f'- {first} − {second}: {mean:+.3f} ± {se:.3f}')
+            paired = paired_difference(results, first, second)
+            lines.append(f'- {first} − {second}: {paired.mean:+.3f} ± {paired.se:.3f} [{paired.low:+.3f}, '
+                         f'{paired.high:+.3f}], wins {paired.win_rate:.0%}')
     return '\n'.join(lines)
 
 

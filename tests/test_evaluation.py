@@ -235,7 +235,7 @@ def test_evaluate_save_and_plot(tmp_path):
     saved = json.loads(open(paths[0]).read())
     assert saved['per_sample_abpc']['random'] == pytest.approx(results.methods['random'].abpc.tolist())
     assert len(list(csv.DictReader(open(paths[1])))) == 3
-    assert len(list(csv.DictReader(open(paths[2])))) == 3 * 2 * 5
+    assert len(list(csv.DictReader(open(paths[2])))) == 3 * 3 * 5  # methods x (morf, lerf, insertion) x steps
     import matplotlib
     backend = matplotlib.get_backend()
     matplotlib.use('svg')
@@ -335,5 +335,155 @@ def test_paired_difference():
         morf=torch.zeros(3, 2), lerf=torch.zeros(3, 2), abpc=torch.tensor(values, dtype=torch.float64),
     )
     results = FaithfulnessResults(fractions=fractions, methods={'a': make([1., 2., 6.]), 'b': make([0., 0., 3.])})
-    mean, se = paired_difference(results, 'a', 'b')  # differences 1, 2, 3: mean 2, std 1
-    assert mean == pytest.approx(2.) and se == pytest.approx(1 / math.sqrt(3))
+    paired = paired_difference(results, 'a', 'b')  # differences 1, 2, 3: mean 2, std 1
+    assert paired.mean == pytest.approx(2.) and paired.se == pytest.approx(1 / math.sqrt(3))
+
+
+# ------------------------------------------------------------------------ which class, insertion, paired CIs
+def results_with(abpcs):
+    '''FaithfulnessResults with the given per-sample ABPC per method (curves irrelevant here).'''
+    from zennit_attn.evaluation import MethodResult
+    methods = {
+        name: MethodResult(morf=torch.zeros(len(values), 2, dtype=torch.float64),
+                           lerf=torch.zeros(len(values), 2, dtype=torch.float64),
+                           abpc=torch.tensor(values, dtype=torch.float64))
+        for name, values in abpcs.items()
+    }
+    return FaithfulnessResults(fractions=fractions_for(1), methods=methods)
+
+
+def test_paired_difference_equals_hand_computation():
+    from zennit_attn.evaluation import paired_difference
+    results = results_with({'a': [3., 1., 4., 1., 5.], 'b': [2., 1., 1., 3., 0.]})
+    # d = 1, 0, 3, -2, 5: mean 7/5, sample variance (0.16 + 1.96 + 2.56 + 11.56 + 12.96) / 4 = 7.3
+    paired = paired_difference(results, 'a', 'b', interval='bootstrap')
+    assert paired.mean == pytest.approx(1.4) and paired.se == pytest.approx(math.sqrt(7.3 / 5))
+    assert paired.win_rate == pytest.approx((3 + 0.5) / 5)  # three wins, one tie counted half
+    assert (paired.first, paired.second, paired.n, paired.confidence) == ('a', 'b', 5, 0.95)
+    assert paired.low < paired.mean < paired.high
+    reverse = paired_difference(results, 'b', 'a')
+    assert reverse.mean == pytest.approx(-1.4) and reverse.win_rate == pytest.approx(1.5 / 5)
+    pytest.importorskip('scipy')
+    t = paired_difference(results, 'a', 'b', interval='t')
+    quantile = 2.7764451051977987  # Student t, 4 degrees of freedom, 97.5 % (a table value)
+    assert (t.low, t.high) == pytest.approx((1.4 - quantile * math.sqrt(7.3 / 5), 1.4 + quantile * math.sqrt(7.3 / 5)))
+    with pytest.raises(ValueError, match="interval must be 'bootstrap' or 't'"):
+        paired_difference(results, 'a', 'b', interval='normal')
+    with pytest.raises(KeyError, match="no method 'c'"):
+        paired_difference(results, 'a', 'c')
+
+
+def test_bootstrap_interval_equals_the_exact_bootstrap_quantiles():
+    '''For 4 samples the bootstrap distribution of the mean difference is known exactly: the 4**4 equally likely
+    resamples. With many resamples the percentile bounds must be exactly the values where the exact distribution
+    function crosses 2.5 % and 97.5 % (chosen so that it jumps across them with a margin).'''
+    import itertools
+    from zennit_attn.evaluation import paired_difference
+    first, second = [5., 1., 9., 2.], [1., 1., 2., 4.]  # d = 4, 0, 7, -2
+    difference = [a - b for a, b in zip(first, second)]
+    means = sorted(sum(draw) / 4 for draw in itertools.product(difference, repeat=4))
+    cdf = lambda value: sum(mean <= value for mean in means) / len(means)  # noqa: E731
+    below = lambda value: sum(mean < value for mean in means) / len(means)  # noqa: E731
+    low = next(mean for mean in means if cdf(mean) >= 0.025)
+    high = next(mean for mean in means if cdf(mean) >= 0.975)
+    assert below(low) < 0.02 and cdf(low) > 0.03 and below(high) < 0.97 and cdf(high) > 0.98  # margins
+    paired = paired_difference(results_with({'a': first, 'b': second}), 'a', 'b', resamples=200000, seed=3)
+    assert (paired.low, paired.high) == (pytest.approx(low), pytest.approx(high))
+    # the seed fixes the interval
+    again = paired_difference(results_with({'a': first, 'b': second}), 'a', 'b', resamples=200000, seed=3)
+    assert (again.low, again.high) == (paired.low, paired.high)
+
+
+def test_table_compares_every_method_with_the_reference():
+    results = results_with({'a': [1., 2., 3.], 'b': [2., 4., 3.], 'c': [0., 0., 0.]})
+    rows = {row['method']: row for row in results.summary()}
+    assert [row['method'] for row in results.summary()] == ['b', 'a', 'c']
+    assert all(row['reference'] == 'b' for row in rows.values())  # default: the best mean ABPC
+    assert rows['a']['diff_mean'] == pytest.approx(-1.) and rows['a']['win_rate'] == pytest.approx(0.5 / 3)
+    assert rows['b']['diff_mean'] == 0 and rows['b']['diff_low'] == rows['b']['diff_high'] == 0
+    assert rows['c']['diff_low'] <= -3 <= rows['c']['diff_high']
+    table = results.markdown()
+    assert '| b | 3.000 ± 0.577 | (reference) | — |' in table
+    assert '| a | 2.000 ± 0.577 | -1.000 [' in table and 'Δ ABPC vs b [95 % CI]' in table
+    assert 'percentile bootstrap interval (10000 resamples of the samples, seed 0)' in table
+    results.paired['reference'] = 'c'
+    assert {row['method']: row for row in results.summary()}['a']['diff_mean'] == pytest.approx(2.)
+    assert '| c | 0.000 ± 0.000 | (reference) | — |' in results.markdown()
+    results.paired['reference'] = 'd'
+    with pytest.raises(KeyError, match="reference method 'd' is not in the results"):
+        results.summary()
+
+
+def test_insertion_curve_of_a_linear_model_is_the_partial_sums():
+    '''y = W x, baseline 0: inserting the k features with the largest contribution gives their sum; without ties and
+    with steps dividing N, insertion(f) = LeRF(1 − f), so insertion AUC = LeRF AUC and ABPC = insertion − deletion.'''
+    model = linear_model()
+    x = data()
+    target = torch.tensor([0, 1, 2, 1, 0])
+    contributions = model.weight[target].detach() * x
+    curves, _ = perturbation_curves(model, x, target, contributions, order='insertion', steps=4)
+    for sample in range(5):
+        ranked = contributions[sample].sort(descending=True).values
+        partial_sums = [ranked[:count].sum().item() for count in (0, 3, 6, 9, 12)]
+        assert curves[sample].tolist() == pytest.approx(partial_sums, abs=1e-12)
+    results = evaluate(model, x, target, ['input_x_gradient'], steps=4, progress=False, target='label')
+    result = results.methods['input_x_gradient']
+    assert torch.allclose(result.insertion, curves)
+    assert torch.allclose(result.insertion, result.lerf.flip(1))
+    row = results.summary()[0]
+    assert row['insertion_auc'] == pytest.approx(row['lerf_auc'])
+    assert row['abpc_mean'] == pytest.approx(row['insertion_auc'] - row['morf_auc'])
+    with pytest.raises(ValueError, match="order must be one of 'morf', 'lerf', 'insertion'"):
+        perturbation_curves(model, x, target, contributions, order='deletion')
+    without = evaluate(model, x, target, ['input_x_gradient'], steps=4, progress=False, insertion=False)
+    assert without.methods['input_x_gradient'].insertion is None and '| — |' in without.markdown()
+
+
+def test_predicted_and_label_targets_differ_when_the_model_mispredicts():
+    model = linear_model(features=12, classes=3)
+    x = data(batch=8)
+    predicted = (x @ model.weight.detach().T).argmax(1)
+    labels = (predicted + 1) % 3  # every label wrong
+    by_prediction = evaluate(model, x, labels, ['gradient'], steps=2, progress=False)  # the default
+    by_label = evaluate(model, x, labels, ['gradient'], steps=2, progress=False, target='label')
+    logits = (x @ model.weight.detach().T)
+    # the curves start at the logit of the explained class
+    assert torch.allclose(by_prediction.methods['gradient'].morf[:, 0], logits[torch.arange(8), predicted])
+    assert torch.allclose(by_label.methods['gradient'].morf[:, 0], logits[torch.arange(8), labels])
+    assert by_prediction.metadata['target'] == 'predicted' and by_label.metadata['target'] == 'label'
+    assert by_prediction.metadata['explained'] == predicted.tolist()
+    assert by_label.metadata['explained'] == labels.tolist()
+    assert by_prediction.metadata['accuracy'] == by_label.metadata['accuracy'] == 0.
+    assert 'Explained: the predicted class.' in by_prediction.markdown()
+    assert 'Explained: the label.' in by_label.markdown()
+    # labels are optional when the predictions are explained
+    assert evaluate(model, x, None, ['gradient'], steps=2, progress=False).metadata['explained'] == predicted.tolist()
+    with pytest.raises(ValueError, match="target='label' needs the labels"):
+        evaluate(model, x, None, ['gradient'], steps=2, progress=False, target='label')
+    with pytest.raises(ValueError, match="target must be 'predicted'"):
+        evaluate(model, x, labels, ['gradient'], steps=2, progress=False, target='class')
+    with pytest.raises(ValueError, match="reference 'nope' is not one of the methods"):
+        evaluate(model, x, labels, ['gradient'], steps=2, progress=False, reference='nope')
+
+
+def test_cli_evaluate_target_reference_and_sanity(tmp_path, capsys):
+    '''``zennit-attn evaluate --target label --reference gradient --sanity``: the table compares with the reference,
+    the results record the label as explained, and the sanity check writes its table and files.'''
+    from zennit_attn.cli import main
+    from zennit_attn.models import load_fashion_mnist_samples
+    code = main(['evaluate', '--samples', '4', '--steps', '2', '--batch-size', '4', '--methods', 'gradient',
+                 '--target', 'label', '--reference', 'gradient', '--sanity', '--sanity-samples', '1',
+                 '-o', str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert 'Δ ABPC vs gradient [95 % CI]' in printed and '| gradient |' in printed and '(reference)' in printed
+    assert 'Sanity check: cascading model randomisation' in printed and '| 1: heads |' in printed
+    saved = json.loads((tmp_path / 'faithfulness.json').read_text())
+    _, labels, _ = load_fashion_mnist_samples()
+    assert saved['metadata']['target'] == 'label' and saved['metadata']['explained'] == labels[:4].tolist()
+    assert saved['paired']['reference'] == 'gradient' and 'insertion' in saved['mean_curves']['gradient']
+    sanity = json.loads((tmp_path / 'sanity.json').read_text())
+    assert list(sanity['mean']['spearman']) == ['gradient'] and sanity['metadata']['samples'] == 1  # not 'random'
+    assert (tmp_path / 'sanity.png').is_file() and (tmp_path / 'sanity.csv').is_file()
+    assert main(['evaluate', '--methods', 'gradient', '--reference', 'attnlrp', '-o', str(tmp_path)]) == 2
+    assert '--reference attnlrp: not one of the evaluated methods' in capsys.readouterr().err

@@ -7,6 +7,21 @@ recorded. MoRF removes the most relevant (largest signed relevance) features fir
 ≈ 0 in expectation. Ties in the relevance (e.g. patch-constant rollout maps at pixel granularity) are broken by a fixed
 random permutation, identical for MoRF and LeRF.
 
+Insertion and deletion. The deletion curve is the MoRF curve. The insertion curve starts from the baseline (every
+feature perturbed) and puts the most relevant features back first: at fraction ``f`` the top ``round(f · N)`` features
+of the MoRF ranking keep their values, all others are at the baseline. Without ties (and without rounding at ½),
+``insertion(f) = LeRF(1 − f)``, so ABPC is the insertion AUC minus the deletion AUC: the two halves of ABPC.
+
+Which class. :py:func:`evaluate` explains the model's predicted class by default (``target='predicted'``) and the
+given labels with ``target='label'``; the results record which (``metadata['target']``), the explained classes and
+the accuracy on the samples.
+
+Which method is better. The methods are compared on the same samples, so per-sample (paired) ABPC differences are
+the right statistic: :py:func:`paired_difference` gives their mean, paired standard error, a confidence interval (a
+percentile bootstrap over the samples with a fixed seed by default, or a Student t interval) and the win rate (share
+of samples on which the first method has the higher ABPC, ties counted ½). The table and the ABPC plot show every
+method against a reference (by default the method with the highest mean ABPC).
+
 Granularity for images ``(B, C, H, W)``: ``'pixel'`` ranks the ``H·W`` pixels by their channel-summed relevance and
 perturbs all channels of a pixel; ``'patch'`` ranks ``patch_size × patch_size`` blocks by their summed relevance;
 ``'feature'`` ranks every element. For inputs ``(B, D)`` every element is a feature. Text: :py:func:`perturb_tokens`
@@ -37,9 +52,16 @@ from .methods import _resolve, target_logits
 
 __all__ = [
     'fractions_for', 'rank_features', 'perturbation_curves', 'perturb_tokens', 'abpc', 'MethodResult',
-    'FaithfulnessResults', 'results_table', 'paired_difference', 'evaluate', 'evaluate_tokens', 'save_results',
-    'plot_results', 'tune_gamma', 'GammaTuning', 'process_group',
+    'FaithfulnessResults', 'results_table', 'PairedDifference', 'paired_difference', 'explained_classes', 'evaluate',
+    'evaluate_tokens', 'save_results', 'plot_results', 'tune_gamma', 'GammaTuning', 'process_group',
 ]
+
+#: perturbation orders of :py:func:`perturbation_curves`
+ORDERS = ('morf', 'lerf', 'insertion')
+#: which class :py:func:`evaluate` explains
+TARGETS = ('predicted', 'label')
+#: confidence intervals of :py:func:`paired_difference`
+INTERVALS = ('bootstrap', 't')
 
 
 def fractions_for(steps):
@@ -109,13 +131,17 @@ def _counts(fractions, totals):
 
 
 @torch.no_grad()
-def _curves(forward, inputs, order_index, counts, expand, baseline_value, targets):
+def _curves(forward, inputs, order_index, counts, expand, baseline_value, targets, insertion=False):
+    '''The target logit per step: the first ``counts[s]`` features of ``order_index`` are set to the baseline (or,
+    with ``insertion``, all features but those).'''
     batch, count = order_index.shape
     positions = torch.empty_like(order_index)
     positions.scatter_(1, order_index, torch.arange(count, device=order_index.device).expand(batch, count))
     curve = []
     for step_counts in counts:
         feature_mask = positions < step_counts[:, None].to(positions.device)
+        if insertion:
+            feature_mask = ~feature_mask
         perturbed = torch.where(expand(feature_mask), torch.as_tensor(baseline_value, dtype=inputs.dtype), inputs)
         curve.append(target_logits(forward(perturbed), targets).to(torch.float64))
     return torch.stack(curve, 1)
@@ -125,7 +151,8 @@ def perturbation_curves(
     model, inputs, targets, relevance, order='morf', steps=20, granularity='pixel', patch_size=None,
     baseline_value=0., seed=0,
 ):
-    '''Target logit while the most (``'morf'``) or least (``'lerf'``) relevant features are set to ``baseline_value``.
+    '''Target logit while the most (``'morf'``) or least (``'lerf'``) relevant features are set to ``baseline_value``,
+    or while the most relevant features are put back into an input at the baseline (``'insertion'``).
 
     Parameters
     ----------
@@ -136,7 +163,8 @@ def perturbation_curves(
     targets: int, sequence or :py:obj:`torch.Tensor`
         The explained class per sample.
     order: str
-        ``'morf'`` or ``'lerf'``.
+        ``'morf'`` (deletion), ``'lerf'`` or ``'insertion'`` (at fraction ``f`` only the top ``round(f · N)``
+        features of the MoRF ranking keep their values).
     steps: int
         Number of steps; the curve has ``steps + 1`` points at fractions ``linspace(0, 1, steps + 1)``.
     granularity: str
@@ -149,18 +177,28 @@ def perturbation_curves(
     Returns
     -------
     curves: :py:obj:`torch.Tensor`
-        float64 ``(batch, steps + 1)``; ``curves[:, 0]`` is the unperturbed logit.
+        float64 ``(batch, steps + 1)``; ``curves[:, 0]`` is the unperturbed logit (MoRF, LeRF) or the logit at the
+        baseline (insertion).
     fractions: :py:obj:`torch.Tensor`
         float64 ``(steps + 1,)``.
     '''
+    _check_order(order)
     fractions = fractions_for(steps)
     targets = per_sample(targets, inputs.shape[0], 'targets', inputs.device)
     scores, expand = _feature_view(inputs, relevance, granularity, patch_size)
-    order_index = rank_features(scores, order, seed=seed)
+    order_index = rank_features(scores, 'lerf' if order == 'lerf' else 'morf', seed=seed)
     totals = torch.full((inputs.shape[0],), scores.shape[1])
     counts = _counts(fractions, totals)
-    curves = _curves(lambda x: model(x), inputs.detach(), order_index, counts, expand, baseline_value, targets)
+    curves = _curves(
+        lambda x: model(x), inputs.detach(), order_index, counts, expand, baseline_value, targets,
+        insertion=order == 'insertion',
+    )
     return curves, fractions
+
+
+def _check_order(order):
+    if order not in ORDERS:
+        raise ValueError(f'order must be one of {", ".join(map(repr, ORDERS))}, got {order!r}')
 
 
 def perturb_tokens(
@@ -170,7 +208,8 @@ def perturb_tokens(
     '''Perturbation curves for text: whole token embeddings are set to ``baseline_value`` (0).
 
     Only real tokens (``attention_mask == 1``) are ranked and perturbed; sample ``b`` with ``n_b`` real tokens has
-    ``round(f · n_b)`` of them perturbed at fraction ``f``. The attention mask itself is never changed.
+    ``round(f · n_b)`` of them perturbed at fraction ``f`` (``order='insertion'``: all real tokens but the
+    ``round(f · n_b)`` most relevant). The attention mask itself is never changed.
 
     Parameters
     ----------
@@ -199,14 +238,16 @@ def perturb_tokens(
         relevance = relevance.sum(-1)
     if relevance.shape != (batch, length):
         raise ValueError(f'token relevance must be ({batch}, {length}), got {tuple(relevance.shape)}')
+    _check_order(order)
     fractions = fractions_for(steps)
     targets = per_sample(targets, batch, 'targets', embeddings.device)
     real = attention_mask.bool()
-    order_index = rank_features(relevance, order, mask=real, seed=seed)
+    order_index = rank_features(relevance, 'lerf' if order == 'lerf' else 'morf', mask=real, seed=seed)
     counts = _counts(fractions, real.sum(1).cpu())
     expand = lambda mask: (mask & real)[..., None].expand_as(embeddings)  # noqa: E731
     curves = _curves(
         lambda x: forward(x, attention_mask), embeddings.detach(), order_index, counts, expand, baseline_value, targets,
+        insertion=order == 'insertion',
     )
     return curves, fractions
 
@@ -214,10 +255,12 @@ def perturb_tokens(
 # ----------------------------------------------------------------------------------------------------- results
 @dataclasses.dataclass
 class MethodResult:
-    '''Per-sample MoRF / LeRF curves ``(N, S+1)`` and ABPC ``(N,)`` of one method.'''
+    '''Per-sample MoRF (deletion) / LeRF curves ``(N, S+1)``, ABPC ``(N,)`` and, if computed, insertion curves of one
+    method.'''
     morf: torch.Tensor
     lerf: torch.Tensor
     abpc: torch.Tensor
+    insertion: torch.Tensor = None
 
     @property
     def abpc_mean(self):
@@ -230,49 +273,209 @@ class MethodResult:
         return self.abpc.std().item() / math.sqrt(count) if count > 1 else 0.
 
     def auc(self, fractions, order):
-        return torch.trapezoid(getattr(self, order).mean(0), fractions).item()
+        '''Area under the mean ``order`` curve (``'morf'``, ``'lerf'`` or ``'insertion'``); None if not computed.'''
+        curves = getattr(self, order)
+        return None if curves is None else torch.trapezoid(curves.mean(0), fractions).item()
+
+
+@dataclasses.dataclass
+class PairedDifference:
+    '''The per-sample ABPC difference ``first − second`` over the same samples (:py:func:`paired_difference`).
+
+    ``mean`` and ``se`` (paired standard error), the ``confidence`` interval ``[low, high]`` of the mean difference
+    (``interval``: ``'bootstrap'`` or ``'t'``), ``win_rate`` (share of samples with ``first`` better, ties ½) and the
+    number of samples ``n``.
+    '''
+    first: str
+    second: str
+    mean: float
+    se: float
+    low: float
+    high: float
+    win_rate: float
+    n: int
+    confidence: float
+    interval: str
+
+
+def _bootstrap_means(values, resamples, seed):
+    '''Means of ``resamples`` bootstrap resamples (drawn with replacement, seeded) of the last axis of ``values``.'''
+    generator = torch.Generator().manual_seed(seed)
+    count, means = values.shape[-1], []
+    for start in range(0, resamples, 1000):  # chunks keep the index tensor small for large N
+        index = torch.randint(count, (min(1000, resamples - start), count), generator=generator)
+        means.append(values[index].mean(-1))
+    return torch.cat(means)
+
+
+def paired_difference(results, first, second, confidence=0.95, interval='bootstrap', resamples=10000, seed=0):
+    '''Compare two methods on the same samples by their per-sample ABPC difference ``d = first − second``.
+
+    Parameters
+    ----------
+    results: :py:class:`FaithfulnessResults`
+    first, second: str
+        Method labels in ``results``.
+    confidence: float
+        Coverage of the interval, in (0, 1).
+    interval: str
+        ``'bootstrap'``: percentile interval of the means of ``resamples`` resamples of the samples (paired: a
+        resample draws whole samples, with both methods' ABPC), with a fixed ``seed``, so the same results give the
+        same interval. ``'t'``: ``mean ± t_{n−1} · se`` (Student t, needs scipy), which assumes a roughly normal mean.
+
+    Returns
+    -------
+    :py:class:`PairedDifference`
+        The paired standard error is much smaller than the two unpaired ones combined when the methods' ABPC vary
+        together over the samples, which is typical: some images are easy for every method.
+    '''
+    for name in (first, second):
+        if name not in results.methods:
+            raise KeyError(f'no method {name!r} in the results; methods: {", ".join(results.methods)}')
+    if not 0 < confidence < 1:
+        raise ValueError(f'confidence must be in (0, 1), e.g. 0.95, got {confidence}')
+    if interval not in INTERVALS:
+        raise ValueError(f"interval must be 'bootstrap' or 't', got {interval!r}")
+    difference = (results.methods[first].abpc - results.methods[second].abpc).to(torch.float64).cpu()
+    count = difference.numel()
+    mean = difference.mean().item()
+    se = difference.std().item() / math.sqrt(count) if count > 1 else 0.
+    alpha = 1 - confidence
+    if count < 2:
+        low = high = mean  # no spread to estimate from one sample
+    elif interval == 'bootstrap':
+        means = _bootstrap_means(difference, int(resamples), seed)
+        low, high = torch.quantile(means, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)).tolist()
+    else:
+        half = _student_t().ppf(1 - alpha / 2, count - 1) * se
+        low, high = mean - half, mean + half
+    win_rate = ((difference > 0).double().mean() + (difference == 0).double().mean() / 2).item()
+    return PairedDifference(
+        first=first, second=second, mean=mean, se=se, low=low, high=high, win_rate=win_rate, n=count,
+        confidence=confidence, interval=interval,
+    )
+
+
+def _student_t():
+    '''scipy's Student t distribution (scipy is optional: only the t interval needs it).'''
+    try:
+        from scipy.stats import t as student_t
+    except ImportError:
+        raise ImportError("interval='t' needs scipy (pip install scipy); or use interval='bootstrap'") from None
+    return student_t
+
+
+#: default options of the paired comparison in :py:class:`FaithfulnessResults` (see :py:func:`paired_difference`)
+PAIRED_DEFAULTS = dict(reference=None, confidence=0.95, interval='bootstrap', resamples=10000, seed=0)
 
 
 @dataclasses.dataclass
 class FaithfulnessResults:
-    '''Results of :py:func:`evaluate`: the fractions, one :py:class:`MethodResult` per method, and metadata.'''
+    '''Results of :py:func:`evaluate`: the fractions, one :py:class:`MethodResult` per method, and metadata.
+
+    ``paired`` holds the options of the paired comparison shown by :py:meth:`summary`, :py:meth:`markdown` and
+    :py:func:`plot_results` (keys of :py:data:`PAIRED_DEFAULTS`): every method is compared with ``reference`` (None:
+    the method with the highest mean ABPC).
+    '''
     fractions: torch.Tensor
     methods: dict
     metadata: dict = dataclasses.field(default_factory=dict)
+    paired: dict = dataclasses.field(default_factory=dict)
+
+    def reference(self):
+        '''The label all methods are compared with: ``paired['reference']`` or the best mean ABPC.'''
+        reference = self.paired.get('reference')
+        if reference is None:
+            return max(self.methods, key=lambda name: self.methods[name].abpc_mean)
+        if reference not in self.methods:
+            raise KeyError(f'reference method {reference!r} is not in the results; methods: {", ".join(self.methods)}')
+        return reference
+
+    def comparisons(self):
+        '''``{method: PairedDifference(method − reference)}`` with the options in ``paired``.'''
+        options = {**PAIRED_DEFAULTS, **self.paired}
+        options.pop('reference')
+        reference = self.reference()
+        return {name: paired_difference(self, name, reference, **options) for name in self.methods}
 
     def summary(self):
-        '''One row per method: ``method, abpc_mean, abpc_se, morf_auc, lerf_auc, n``, by descending ABPC.'''
+        '''One row per method, by descending ABPC: ``method, abpc_mean, abpc_se`` (the ABPC of the method),
+        ``reference, diff_mean, diff_low, diff_high, win_rate`` (the paired comparison with the reference, see
+        :py:func:`paired_difference`), ``morf_auc`` (deletion), ``insertion_auc`` (None if not computed),
+        ``lerf_auc`` (areas under the mean curves), ``n``.'''
+        comparisons = self.comparisons()
         rows = [
             {
                 'method': name, 'abpc_mean': result.abpc_mean, 'abpc_se': result.abpc_se,
-                'morf_auc': result.auc(self.fractions, 'morf'), 'lerf_auc': result.auc(self.fractions, 'lerf'),
-                'n': result.abpc.numel(),
+                'reference': comparisons[name].second, 'diff_mean': comparisons[name].mean,
+                'diff_low': comparisons[name].low, 'diff_high': comparisons[name].high,
+                'win_rate': comparisons[name].win_rate,
+                'morf_auc': result.auc(self.fractions, 'morf'),
+                'insertion_auc': result.auc(self.fractions, 'insertion'),
+                'lerf_auc': result.auc(self.fractions, 'lerf'), 'n': result.abpc.numel(),
             }
             for name, result in self.methods.items()
         ]
         return sorted(rows, key=lambda row: -row['abpc_mean'])
 
     def mean_curves(self):
-        '''``{method: {'morf': [...], 'lerf': [...]}}`` averaged over the samples.'''
+        '''``{method: {'morf': [...], 'lerf': [...], 'insertion': [...]}}`` averaged over the samples (insertion only
+        if computed).'''
         return {
-            name: {'morf': result.morf.mean(0).tolist(), 'lerf': result.lerf.mean(0).tolist()}
+            name: {
+                order: getattr(result, order).mean(0).tolist() for order in ORDERS
+                if getattr(result, order) is not None
+            }
             for name, result in self.methods.items()
         }
 
+    def interval_text(self):
+        '''How the intervals of the table were computed, in words.'''
+        options = {**PAIRED_DEFAULTS, **self.paired}
+        level = f'{100 * options["confidence"]:g} %'
+        if options['interval'] == 't':
+            return f'{level} Student t interval'
+        return f'{level} percentile bootstrap interval ({options["resamples"]} resamples of the samples, seed ' \
+               f'{options["seed"]})'
+
     def markdown(self, title=None):
-        '''The summary as a Markdown table.'''
+        '''The summary as a Markdown table, followed by a line saying what the columns mean.'''
+        rows = self.summary()
+        reference = rows[0]['reference'] if rows else None
+        level = f'{100 * {**PAIRED_DEFAULTS, **self.paired}["confidence"]:g} %'
         lines = [f'### {title}', ''] if title else []
-        lines += ['| method | ABPC ± s.e. | MoRF AUC | LeRF AUC | n |', '|---|---|---|---|---|']
-        for row in self.summary():
+        lines += [
+            f'| method | ABPC ± s.e. | Δ ABPC vs {reference} [{level} CI] | win rate | deletion AUC | insertion AUC | '
+            'LeRF AUC | n |',
+            '|---|---|---|---|---|---|---|---|',
+        ]
+        for row in rows:
+            if row['method'] == row['reference']:
+                paired = '(reference) | —'
+            else:
+                paired = f"{row['diff_mean']:+.3f} [{row['diff_low']:+.3f}, {row['diff_high']:+.3f}] | " \
+                         f"{row['win_rate']:.2f}"
+            insertion = '—' if row['insertion_auc'] is None else f"{row['insertion_auc']:.3f}"
             lines.append(
-                f"| {row['method']} | {row['abpc_mean']:.3f} ± {row['abpc_se']:.3f} | {row['morf_auc']:.3f} | "
-                f"{row['lerf_auc']:.3f} | {row['n']} |"
+                f"| {row['method']} | {row['abpc_mean']:.3f} ± {row['abpc_se']:.3f} | {paired} | "
+                f"{row['morf_auc']:.3f} | {insertion} | {row['lerf_auc']:.3f} | {row['n']} |"
             )
+        target = self.metadata.get('target')
+        explained = {'predicted': 'the predicted class', 'label': 'the label'}.get(target, 'the given targets')
+        lines += ['', (
+            f'ABPC = area between the LeRF and MoRF curves (logit units, higher is better); Δ: mean paired per-sample '
+            f'ABPC difference to {reference} with its {self.interval_text()}; win rate: share of samples on which '
+            f'the method beats {reference} (ties ½); AUC: areas under the mean deletion (= MoRF), insertion (most '
+            'relevant put back first, from the baseline) and LeRF curves; without tied relevance insertion(f) = '
+            f'LeRF(1 − f), so ABPC = insertion AUC − deletion AUC. Explained: {explained}.'
+        )]
         return '\n'.join(lines)
 
     def to_dict(self):
         return {
             'metadata': self.metadata,
+            'paired': {**PAIRED_DEFAULTS, **self.paired, 'reference': self.reference(),
+                       'description': self.interval_text()},
             'fractions': self.fractions.tolist(),
             'summary': self.summary(),
             'mean_curves': self.mean_curves(),
@@ -280,17 +483,30 @@ class FaithfulnessResults:
         }
 
 
-def paired_difference(results, first, second):
-    '''Mean and standard error of the per-sample ABPC difference ``first − second`` (same samples, so the paired
-    standard error is much smaller than the two unpaired ones combined).'''
-    difference = results.methods[first].abpc - results.methods[second].abpc
-    count = difference.numel()
-    return difference.mean().item(), (difference.std().item() / math.sqrt(count) if count > 1 else 0.)
-
-
 def results_table(results, title=None):
-    '''Markdown table (method, ABPC ± s.e., MoRF AUC, LeRF AUC, n) of a :py:class:`FaithfulnessResults`.'''
+    '''Markdown table (method, ABPC ± s.e., paired Δ vs the reference with CI, win rate, deletion / insertion / LeRF
+    AUC, n) of a :py:class:`FaithfulnessResults`.'''
     return results.markdown(title)
+
+
+def explained_classes(model, samples, labels=None, target='predicted', batch_size=16):
+    '''The classes :py:func:`evaluate` explains: ``(explained (N,), labels (N,) or None)``.
+
+    ``target='predicted'``: the argmax of the model's logits (computed in batches of ``batch_size`` without
+    gradients); ``'label'``: ``labels`` (an int or ``(N,)``), which must then be given.
+    '''
+    if target not in TARGETS:
+        raise ValueError(f"target must be 'predicted' (explain the model's prediction) or 'label', got {target!r}")
+    count = samples.shape[0]
+    if labels is not None:
+        labels = per_sample(labels, count, 'targets', samples.device)
+    if target == 'label':
+        if labels is None:
+            raise ValueError("target='label' needs the labels: pass targets, or use target='predicted'")
+        return labels, labels
+    with torch.no_grad():
+        predicted = [logits_of(model(samples[index])).argmax(-1) for index in _batches(count, batch_size)]
+    return torch.cat(predicted).to(samples.device), labels
 
 
 def _method_table(methods):
@@ -323,9 +539,11 @@ def _progress(total, enabled, description):
 
 
 def _method_results(collected, fractions):
-    '''``{label: MethodResult}`` from ``{label: (morf, lerf)}`` (all samples), with the ABPC of every sample.'''
-    return {label: MethodResult(morf=morf, lerf=lerf, abpc=abpc(morf, lerf, fractions))
-            for label, (morf, lerf) in collected.items()}
+    '''``{label: MethodResult}`` from ``{label: (morf, lerf[, insertion])}`` (all samples), with the ABPC of every
+    sample.'''
+    return {label: MethodResult(morf=curves[0], lerf=curves[1], abpc=abpc(curves[0], curves[1], fractions),
+                                insertion=curves[2] if len(curves) > 2 else None)
+            for label, curves in collected.items()}
 
 
 # ------------------------------------------------------------------------------------------- data parallelism
@@ -445,7 +663,8 @@ def _gather(done, failure):
 
 
 def _run_batches(batches, labels, curves_of, progress, description, distributed, rank_state):
-    '''``{label: (morf, lerf)}`` over all samples; ``curves_of(number, index, label) -> (morf, lerf)`` of one batch.
+    '''``{label: curves}`` over all samples; ``curves_of(number, index, label) -> (morf, lerf[, insertion])`` of one
+    batch.
 
     With ``W`` processes (:py:func:`process_group`), process ``r`` computes the batches ``r, r + W, ...`` and the
     curves are gathered on every process; ``rank_state()`` (samples, targets, model, settings) is checked to agree.
@@ -476,14 +695,15 @@ def _run_batches(batches, labels, curves_of, progress, description, distributed,
                 failure = error
         if world > 1:
             done = _gather(done, failure)
-    return {label: tuple(torch.cat([curves[label][order] for _, curves in done]) for order in (0, 1))
+    return {label: tuple(torch.cat([curves[label][order] for _, curves in done])
+                         for order in range(len(done[0][1][label]) if done else 0))
             for label in labels}
 
 
 def evaluate(
     model, samples, targets, methods, batch_size=16, steps=20, granularity='pixel', patch_size=None,
     baseline_value=0., include_random=True, random_seed=0, progress=True, description='faithfulness',
-    distributed=None,
+    distributed=None, target='predicted', insertion=True, reference=None, confidence=0.95, interval='bootstrap',
 ):
     '''Perturbation faithfulness of several attribution methods on one fixed sample set shared by all methods.
 
@@ -493,8 +713,9 @@ def evaluate(
         Returns logits ``(batch, classes)``; in eval mode.
     samples: :py:obj:`torch.Tensor`
         ``(N, ...)`` inputs.
-    targets: :py:obj:`torch.Tensor`
-        ``(N,)`` explained classes (e.g. the labels or the predictions).
+    targets: int, :py:obj:`torch.Tensor` or None
+        ``(N,)`` labels: explained with ``target='label'``; with ``target='predicted'`` only recorded (the accuracy
+        in the metadata), and may be None.
     methods: list[str] or dict
         Names for :py:func:`zennit_attn.methods.attribute`, or ``{label: name | (name, options) | Composite |
         callable(model, inputs, target)}``.
@@ -505,6 +726,14 @@ def evaluate(
     distributed: bool, optional
         Data parallelism, see :py:func:`process_group`: by default on when torch.distributed is initialised or the
         script was started by ``torchrun`` / ``accelerate launch``.
+    target: str
+        ``'predicted'`` (default): explain the class the model predicts for each sample; ``'label'``: explain
+        ``targets``. Recorded in ``metadata['target']``, with the explained classes in ``metadata['explained']``.
+    insertion: bool
+        Also compute the insertion curves (one more pass of ``steps + 1`` forward passes per batch and method).
+    reference, confidence, interval:
+        The paired comparison shown in the table and plot (:py:attr:`FaithfulnessResults.paired`, see
+        :py:func:`paired_difference`): every method against ``reference`` (default: the best mean ABPC).
 
     Other parameters are those of :py:func:`perturbation_curves`.
 
@@ -528,13 +757,20 @@ def evaluate(
     table = _method_table(methods)
     if include_random and 'random' not in table:
         table['random'] = None
-    targets = per_sample(targets, samples.shape[0], 'targets', samples.device)
+    if interval not in INTERVALS:
+        raise ValueError(f"interval must be 'bootstrap' or 't', got {interval!r}")
+    if interval == 't':
+        _student_t()  # fail before the work, not after it
+    if reference is not None and reference not in table:
+        raise ValueError(f'reference {reference!r} is not one of the methods ({", ".join(table)})')
+    targets, labels = explained_classes(model, samples, targets, target, batch_size)
     count = samples.shape[0]
     fractions = fractions_for(steps)
     metadata = dict(
         samples=count, steps=steps, granularity=granularity, patch_size=patch_size, baseline_value=baseline_value,
-        random_seed=random_seed, input_shape=list(samples.shape[1:]),
+        random_seed=random_seed, input_shape=list(samples.shape[1:]), target=target,
     )
+    orders = ORDERS if insertion else ORDERS[:2]
 
     def curves_of(number, index, label):
         inputs, batch_targets = samples[index], targets[index]
@@ -547,17 +783,32 @@ def evaluate(
                 model, inputs, batch_targets, relevance, order=order, steps=steps, granularity=granularity,
                 patch_size=patch_size, baseline_value=baseline_value, seed=random_seed + number,
             )[0]
-            for order in ('morf', 'lerf')
+            for order in orders
         )
 
     def rank_state():
+        # the given labels, not the predictions: those follow from the samples and weights, which are compared too
         return dict(settings=dict(metadata, batch_size=batch_size, methods=list(table)), samples=_digest(samples),
-                    targets=_digest(targets), model=_weight_sums(model))
+                    targets=_digest(torch.empty(0) if labels is None else labels), model=_weight_sums(model))
 
     collected = _run_batches(
         list(_batches(count, batch_size)), list(table), curves_of, progress, description, distributed, rank_state,
     )
-    return FaithfulnessResults(fractions=fractions, methods=_method_results(collected, fractions), metadata=metadata)
+    metadata['explained'] = targets.tolist()
+    if labels is not None:
+        predicted = _predicted(model, samples, batch_size, targets, target)
+        metadata.update(labels=labels.tolist(), accuracy=(predicted == labels).double().mean().item())
+    return FaithfulnessResults(
+        fractions=fractions, methods=_method_results(collected, fractions), metadata=metadata,
+        paired=dict(reference=reference, confidence=confidence, interval=interval),
+    )
+
+
+def _predicted(model, samples, batch_size, explained, target):
+    '''The predictions (the explained classes already are the predictions with ``target='predicted'``).'''
+    if target == 'predicted':
+        return explained
+    return explained_classes(model, samples, None, 'predicted', batch_size)[0]
 
 
 def evaluate_tokens(
@@ -605,8 +856,9 @@ def evaluate_tokens(
 
 # ------------------------------------------------------------------------------------------------ saving, plots
 def save_results(results, directory, prefix='faithfulness'):
-    '''Write ``<prefix>.json`` (metadata, summary, mean curves, per-sample ABPC), ``<prefix>_summary.csv`` and
-    ``<prefix>_curves.csv`` (method, order, fraction, mean logit) into ``directory``; returns the paths.'''
+    '''Write ``<prefix>.json`` (metadata, paired-comparison options, summary, mean curves, per-sample ABPC),
+    ``<prefix>_summary.csv`` and ``<prefix>_curves.csv`` (method, order, fraction, mean logit; orders ``morf``,
+    ``lerf`` and, if computed, ``insertion``) into ``directory``; returns the paths.'''
     os.makedirs(directory, exist_ok=True)
     paths = [os.path.join(directory, f'{prefix}{suffix}') for suffix in ('.json', '_summary.csv', '_curves.csv')]
     with open(paths[0], 'w') as fd:
@@ -620,60 +872,100 @@ def save_results(results, directory, prefix='faithfulness'):
         writer = csv.writer(fd)
         writer.writerow(['method', 'order', 'fraction', 'mean_logit'])
         for name, curves in results.mean_curves().items():
-            for order in ('morf', 'lerf'):
-                for fraction, value in zip(results.fractions.tolist(), curves[order]):
+            for order, values in curves.items():
+                for fraction, value in zip(results.fractions.tolist(), values):
                     writer.writerow([name, order, fraction, value])
     return paths
 
 
-def plot_results(results, directory, prefix='faithfulness', title=None):
-    '''Save ``<prefix>_curves.png`` (mean MoRF and LeRF curves per method) and ``<prefix>_abpc.png`` (mean ABPC with
-    standard-error bars) into ``directory``; returns the paths. The figures are drawn on matplotlib's Agg canvas
-    directly, not through pyplot, so the caller's backend and figures are left alone.'''
+def _method_styles(names):
+    '''Line style per method: random dashed grey, the others tab10 colours without its grey (reserved for random),
+    then the same colours dash-dotted and dotted.'''
     from matplotlib import colormaps
+    colors = [color for number, color in enumerate(colormaps['tab10'].colors) if number != 7]
+    others = [name for name in names if name != 'random']
+    styles = {name: dict(color=colors[number % len(colors)], linestyle=('-', '-.', ':')[number // len(colors) % 3])
+              for number, name in enumerate(others)}
+    styles['random'] = dict(color='gray', linestyle='--')
+    return styles
+
+
+def plot_results(results, directory, prefix='faithfulness', title=None):
+    '''Save ``<prefix>_curves.png`` (mean deletion (MoRF), insertion and LeRF curves per method, with the area under
+    each mean curve in the legends) and ``<prefix>_abpc.png`` (left: mean ABPC ± s.e.; right: the paired ABPC
+    difference of every method to the reference with its confidence interval as error bars and the win rate) into
+    ``directory``; returns the paths. The figures are drawn on matplotlib's Agg canvas directly, not through pyplot,
+    so the caller's backend and figures are left alone.'''
     from .image import mpl
 
     classes = mpl()
     os.makedirs(directory, exist_ok=True)
     fractions = results.fractions.numpy()
-    names = [row['method'] for row in results.summary()]
-    figure = classes.Figure(figsize=(13, 4.2))
+    rows = results.summary()
+    names = [row['method'] for row in rows]
+    styles = _method_styles(names)
+    panels = [('morf', 'Deletion (MoRF): most relevant removed first'),
+              ('insertion', 'Insertion: most relevant put back first'),
+              ('lerf', 'LeRF: least relevant removed first')]
+    panels = [panel for panel in panels if all(getattr(result, panel[0]) is not None
+                                               for result in results.methods.values())]
+    figure = classes.Figure(figsize=(5.2 * len(panels), 4.6))
     classes.FigureCanvasAgg(figure)
-    axes = figure.subplots(1, 2, sharey=True)
-    colors = colormaps['tab20'].colors
-    labels = ('MoRF (most relevant first)', 'LeRF (least relevant first)')
-    for axis, order, label in zip(axes, ('morf', 'lerf'), labels):
-        for number, name in enumerate(names):
-            style = dict(color='gray', linestyle='--') if name == 'random' else dict(
-                color=colors[(2 * number) % 20 + (2 * number) // 20 % 2], linestyle=('-', '-.', ':')[number // 20 % 3],
-            )
-            axis.plot(fractions, getattr(results.methods[name], order).mean(0).numpy(), label=name, **style)
-        axis.set_title(label)
-        axis.set_xlabel('fraction of features perturbed')
+    axes = figure.subplots(1, len(panels), sharey=True)
+    for axis, (order, label) in zip(axes, panels):
+        for name in names:
+            result = results.methods[name]
+            axis.plot(fractions, getattr(result, order).mean(0).numpy(),
+                      label=f'{name} (AUC {result.auc(results.fractions, order):.2f})', **styles[name])
+        axis.set_title(label, fontsize=10)
+        axis.set_xlabel('fraction of features ' + ('inserted' if order == 'insertion' else 'removed'))
         axis.grid(alpha=.3)
+        axis.legend(fontsize=7, loc='best')
     axes[0].set_ylabel('mean target logit')
-    axes[1].legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.02, 1.), borderaxespad=0.)
-    if title:
-        figure.suptitle(title)
+    explained = {'predicted': 'the predicted class', 'label': 'the label'}.get(results.metadata.get('target'),
+                                                                               'the given targets')
+    figure.suptitle(title or f'Perturbation curves (mean over {results.metadata.get("samples", "?")} samples, '
+                    f'explained: {explained})')
     figure.tight_layout()
     curve_path = os.path.join(directory, f'{prefix}_curves.png')
-    figure.savefig(curve_path, dpi=120)
+    figure.savefig(curve_path, dpi=150)
 
-    rows = results.summary()
-    figure = classes.Figure(figsize=(max(5, 0.8 * len(rows) + 2), 4))
+    reference = rows[0]['reference']
+    options = {**PAIRED_DEFAULTS, **results.paired}
+    figure = classes.Figure(figsize=(max(9, 1.3 * len(rows) + 4), 4.6))
     classes.FigureCanvasAgg(figure)
-    axis = figure.subplots()
-    colors = ['gray' if row['method'] == 'random' else 'C0' for row in rows]
-    axis.bar(range(len(rows)), [row['abpc_mean'] for row in rows], yerr=[row['abpc_se'] for row in rows],
-             color=colors, capsize=3)
-    axis.set_xticks(range(len(rows)))
-    axis.set_xticklabels([row['method'] for row in rows], rotation=35, ha='right')
-    axis.axhline(0, color='black', linewidth=.8)
-    axis.set_ylabel('ABPC (logit units, mean ± s.e.)')
-    axis.set_title(title or 'Area between perturbation curves (higher is better)')
+    left, right = figure.subplots(1, 2)
+    positions = list(range(len(rows)))
+    colors = ['gray' if name == 'random' else 'C0' for name in names]
+    left.bar(positions, [row['abpc_mean'] for row in rows], yerr=[row['abpc_se'] for row in rows], color=colors,
+             capsize=3)
+    left.set_ylabel('ABPC (logit units), mean ± s.e.')
+    left.set_title('Area between perturbation curves (higher is better)', fontsize=10)
+    others = [row for row in rows if row['method'] != reference]
+    places = list(range(len(others)))
+    means = [row['diff_mean'] for row in others]
+    errors = [[row['diff_mean'] - row['diff_low'] for row in others],
+              [row['diff_high'] - row['diff_mean'] for row in others]]
+    right.errorbar(places, means, yerr=errors, fmt='o', color='C3', ecolor='C3', capsize=4)
+    right.margins(x=.08, y=.12)  # room for the win-rate labels
+    for place, row in zip(places, others):
+        right.annotate(f"win {row['win_rate']:.0%}", (place, row['diff_high']), textcoords='offset points',
+                       xytext=(0, 4), ha='center', fontsize=8)
+    right.set_ylabel(f'Δ ABPC vs {reference} (paired, {100 * options["confidence"]:g} % CI)')
+    interval = 'bootstrap' if options['interval'] == 'bootstrap' else 'Student t'
+    right.set_title(f'Paired difference to {reference} ({interval} CI; below 0: worse)', fontsize=10)
+    for axis, labels, ticks in ((left, names, positions), (right, [row['method'] for row in others], places)):
+        axis.axhline(0, color='black', linewidth=.8)
+        axis.set_xticks(ticks)
+        axis.set_xticklabels(labels, rotation=35, ha='right')
+        axis.grid(alpha=.3, axis='y')
+    if not others:
+        right.set_axis_off()
+    figure.suptitle(title or f'Faithfulness on {results.metadata.get("samples", "?")} samples (explained: '
+                    f'{explained}); paired {results.interval_text()}', fontsize=10)
     figure.tight_layout()
     bar_path = os.path.join(directory, f'{prefix}_abpc.png')
-    figure.savefig(bar_path, dpi=120)
+    figure.savefig(bar_path, dpi=150)
     return [curve_path, bar_path]
 
 
@@ -702,13 +994,14 @@ class GammaTuning:
 def tune_gamma(
     model, samples, targets, conv_gammas=(0., 0.1, 0.25, 0.5, 1.), linear_gammas=(0., 0.01, 0.05, 0.1, 0.25),
     composite='attnlrp_vit', batch_size=16, steps=20, granularity='pixel', patch_size=None, baseline_value=0.,
-    progress=True, distributed=None, **composite_options,
+    progress=True, distributed=None, target='predicted', **composite_options,
 ):
     '''Choose ``(conv_gamma, linear_gamma)`` of a vision composite by ABPC on (held-out) ``samples``.
 
     Every setting is scored by the mean ABPC of :py:func:`evaluate` (same protocol parameters); ties go to the first
     setting in grid order. Use samples disjoint from the ones the tuned composite is finally evaluated on. Data
-    parallel like :py:func:`evaluate` (``distributed``; one process group for the whole grid).
+    parallel like :py:func:`evaluate` (``distributed``; one process group for the whole grid). ``target``: explain
+    the predicted class (default) or ``targets`` (``'label'``), as in :py:func:`evaluate`.
 
     Returns
     -------
@@ -725,7 +1018,7 @@ def tune_gamma(
             result = evaluate(
                 model, samples, targets, {'composite': instance}, batch_size=batch_size, steps=steps,
                 granularity=granularity, patch_size=patch_size, baseline_value=baseline_value, include_random=False,
-                progress=False, distributed=distributed,
+                progress=False, distributed=distributed, target=target, insertion=False,
             ).methods['composite']
             table.append(dict(
                 conv_gamma=conv_gamma, linear_gamma=linear_gamma, abpc_mean=result.abpc_mean, abpc_se=result.abpc_se,
