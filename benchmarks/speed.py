@@ -118,7 +118,7 @@ def peak_in_child(setting, method, args):
         return None
     command = [
         sys.executable, __file__, '--child-peak', setting, method, '--device', args.device,
-        '--n-iter', str(args.n_iter), '--warmup', str(args.warmup),
+        '--n-iter', str(args.n_iter), '--warmup', str(args.warmup), '--attention', *args.attention,
     ]
     if args.threads:
         command += ['--threads', str(args.threads)]
@@ -128,17 +128,25 @@ def peak_in_child(setting, method, args):
     return int(peak), float(seconds), float(cpu_seconds)
 
 
-def attribution_runs(model, x, seed_fn, composites, n_iter, only=None):
-    '''One closure per method computing a full attribution of ``x`` (only ``only`` if given).'''
-    def attributor_run(attributor_type, composite_name=None, **kwargs):
+def attribution_runs(model, x, seed_fn, composites, n_iter, only=None, attention=('exact',)):
+    '''One closure per method computing a full attribution of ``x`` (only ``only`` if given); each composite once per
+    ``attention`` option (``'sdpa'``: the attention rule through PyTorch's fused attention backward, named
+    ``<composite>+sdpa``).'''
+    def attributor_run(attributor_type, composite_factory=None, **kwargs):
         def run():
-            composite = None if composite_name is None else zennit.composites.COMPOSITES[composite_name]()
+            composite = None if composite_factory is None else composite_factory()
             with attributor_type(model, composite, **kwargs) as attributor:
                 attributor(x, seed_fn)
         return run
 
+    def factory(name, option):
+        return lambda: zennit.composites.COMPOSITES[name](attention=option)
+
     methods = {'gradient': (Gradient, None, {})}
-    methods.update({name: (Gradient, name, {}) for name in composites})
+    methods.update({
+        name if option == 'exact' else f'{name}+{option}': (Gradient, factory(name, option), {})
+        for name in composites for option in attention
+    })
     if n_iter:
         methods[f'integrated_gradients (n={n_iter})'] = (IntegratedGradients, None, {'n_iter': n_iter})
         methods[f'smoothgrad (n={n_iter})'] = (SmoothGrad, None, {'n_iter': n_iter})
@@ -185,7 +193,7 @@ def setting_runs(setting, args, only=None):
         composites, n_iter = ['attnlrp', 'cp_lrp'], 0
     else:
         raise ValueError(f'unknown setting {setting!r}')
-    runs = attribution_runs(model, x, lambda y: y * onehot, composites, n_iter, only=only)
+    runs = attribution_runs(model, x, lambda y: y * onehot, composites, n_iter, only=only, attention=args.attention)
     if args.methods and only is None:
         unknown = set(args.methods) - set(runs)
         if unknown:
@@ -275,6 +283,8 @@ def long_context(results):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--attention', nargs='+', choices=['exact', 'sdpa'], default=['exact'],
+                        help='attention rules of the composites: exact, and/or sdpa (fused attention backward)')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--warmup', type=int, default=1, help='untimed runs before the timed ones (0 for long runs)')
     parser.add_argument('--methods', nargs='+', help='only these methods (besides the gradient, the reference)')
@@ -289,6 +299,9 @@ def main():
                         help='run each method once in its own process, for time and peak memory (long inputs)')
     parser.add_argument('--child-peak', nargs=2, metavar=('SETTING', 'METHOD'), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_only and torch.device(args.device).type != 'cpu':
+        parser.error('--child-only measures the peak resident memory of CPU processes; on a GPU run without it (the '
+                     'allocator\'s peak is measured in the process)')
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child_peak:

@@ -5,13 +5,13 @@ from zennit.core import Composite
 from zennit.types import Convolution
 
 from . import layers, types
-from .engine import Engine
+from .engine import Engine, UnsupportedOperationError
 from .families import declared_norm, detect_families, refusal
 from .rules.linear import _LinearOp
 from .rules import (
     AttnHook, AttentionRule, CPAttentionRule, CPMatMulRule, CPProductRule, Epsilon, Gamma, IdentityRule, IndexAddRule,
-    LayerNormRule, MatMulRule, MeanRule, PoolRule, ProductRule, RenormalizeRule, RMSNormRule, RoPERule, SoftmaxRule,
-    StopRule, SumRule,
+    LayerNormRule, MatMulRule, MeanRule, PoolRule, ProductRule, RenormalizeRule, RMSNormRule, RoPERule,
+    SDPAAttentionRule, SDPACPAttentionRule, SoftmaxRule, StopRule, SumRule,
 )
 
 
@@ -22,10 +22,25 @@ class UnsupportedModelError(TypeError):
     '''Raised when a model contains a module or operation that no rule of the composite can attribute.'''
 
 
-def attnlrp_layer_map(epsilon=1e-6):
+#: the rule of a fused attention core (AttnLRP, CP-LRP) for each ``attention`` option of the composites: the exact
+#: closed form, or PyTorch's fused attention backward with the input gradients scaled (equal up to the scores' ε terms)
+ATTENTION_RULES = {
+    'exact': (AttentionRule, CPAttentionRule),
+    'sdpa': (SDPAAttentionRule, SDPACPAttentionRule),
+}
+
+
+def _attention_rule(attention, cp_lrp, epsilon):
+    '''The rule of :py:class:`~zennit_attn.layers.AttentionCore` for the ``attention`` option.'''
+    if attention not in ATTENTION_RULES:
+        raise ValueError(f'attention={attention!r}; expected one of {sorted(ATTENTION_RULES)}.')
+    return ATTENTION_RULES[attention][int(cp_lrp)](epsilon=epsilon)
+
+
+def attnlrp_layer_map(epsilon=1e-6, attention='exact'):
     '''The AttnLRP layer map (ATTNLRP.md §2): ε on Linear/Conv, AttnLRP rules on the unfolded operations.'''
     return [
-        (layers.AttentionCore, AttentionRule(epsilon=epsilon)),
+        (layers.AttentionCore, _attention_rule(attention, False, epsilon)),
         (layers.MatMul, MatMulRule(epsilon=epsilon)),
         # softmax modules of the model (torch.nn.Softmax) get no module rule: the engine sees their softmax call and
         # chooses its rule by the role of the input (attention scores: AttentionSoftmax, which CP-LRP stops)
@@ -45,16 +60,16 @@ def attnlrp_layer_map(epsilon=1e-6):
     ]
 
 
-def cp_lrp_layer_map(epsilon=1e-6):
+def cp_lrp_layer_map(epsilon=1e-6, attention='exact'):
     '''CP-LRP inside attention (attention probabilities and gates constant); AttnLRP elsewhere.'''
     return [
-        (layers.AttentionCore, CPAttentionRule(epsilon=epsilon)),
+        (layers.AttentionCore, _attention_rule(attention, True, epsilon)),
         (layers.AttentionContext, CPMatMulRule(epsilon=epsilon, constant=0)),
         (layers.AttentionScores, StopRule()),
         (layers.AttentionMask, StopRule()),
         (layers.AttentionSoftmax, StopRule()),
         (layers.GatedProduct, CPProductRule(constant=0)),
-    ] + attnlrp_layer_map(epsilon=epsilon)
+    ] + attnlrp_layer_map(epsilon=epsilon, attention=attention)
 
 
 def vision_layer_map(conv_gamma=0.25, linear_gamma=0.05, stabilizer=1e-6):
@@ -94,8 +109,27 @@ class AttentionComposite(Composite):
         :py:class:`~zennit_attn.rules.AttentionRule` node, which recomputes scores and probabilities in the backward
         pass (default, least memory), or unfolded (``False``) into its matmul, mask sum, softmax and matmul, which makes
         the relevance of the scores and probabilities observable. Same relevance either way.
+    attention: str, optional
+        ``'exact'`` (default): the closed-form rule of the fused attention core; ``'sdpa'``: the same rule through
+        PyTorch's own fused attention backward (flash/memory-efficient kernels on GPUs) with the input gradients
+        scaled, which drops the ε-stabilizers of the scores (:py:mod:`zennit_attn.rules.fast_attention`). Only fused
+        attention calls can take it: ``'sdpa'`` refuses ``fused_attention=False`` and attention that the model computes
+        unfolded (eager attention, soft-capped scores, ``nn.MultiheadAttention`` returning its weights), rather than
+        silently running the exact rule there.
     '''
-    def __init__(self, layer_map, role_map=None, user_layer_map=None, canonizers=None, fused_attention=True):
+    def __init__(
+        self, layer_map, role_map=None, user_layer_map=None, canonizers=None, fused_attention=True, attention='exact',
+    ):
+        if attention not in ATTENTION_RULES:
+            raise ValueError(
+                f'{type(self).__name__}: attention={attention!r}; expected one of {sorted(ATTENTION_RULES)}.'
+            )
+        if attention == 'sdpa' and not fused_attention:
+            raise ValueError(
+                f"{type(self).__name__}: attention='sdpa' runs the fused attention backward, but fused_attention=False "
+                "unfolds every attention call; use one or the other."
+            )
+        self.attention = attention
         self.layer_map = list(layer_map)
         self.role_map = dict(role_map or {})
         self.user_layer_map = list(user_layer_map or [])
@@ -127,6 +161,13 @@ class AttentionComposite(Composite):
 
     def rule_for(self, carrier, role=None):
         '''The rule instance of an intercepted operation, by the type of its carrier module (one per type and role).'''
+        if self.attention == 'sdpa' and isinstance(carrier, layers.AttentionSoftmax):
+            raise UnsupportedOperationError(
+                f"{type(self).__name__}(attention='sdpa'): this model computes an attention softmax unfolded (eager "
+                'attention, an nn.MultiheadAttention asked for its weights, or scores transformed before the softmax, '
+                'e.g. soft-capping), which the fused attention backward cannot compute. Load the model with '
+                "attn_implementation='sdpa' where it supports it, or use attention='exact'."
+            )
         key = (type(carrier), role)
         rule = self._op_rules.get(key)
         if rule is None:
@@ -321,11 +362,15 @@ class AttnLRP(AttentionComposite):
         Additional canonizers to apply first.
     fused_attention: bool, optional
         Fused attention cores (default) or the unfolded chain, see :py:class:`AttentionComposite`.
+    attention: str, optional
+        ``'exact'`` (default) or ``'sdpa'`` (PyTorch's fused attention backward), see :py:class:`AttentionComposite`.
     '''
-    def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, canonizers=None, fused_attention=True):
+    def __init__(
+        self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, canonizers=None, fused_attention=True, attention='exact',
+    ):
         super().__init__(
-            attnlrp_layer_map(epsilon), user_layer_map=layer_map, canonizers=canonizers,
-            fused_attention=fused_attention,
+            attnlrp_layer_map(epsilon, attention), user_layer_map=layer_map, canonizers=canonizers,
+            fused_attention=fused_attention, attention=attention,
         )
 
 
@@ -336,10 +381,12 @@ class CPLRP(AttentionComposite):
 
     Parameters are as for :py:class:`AttnLRP`.
     '''
-    def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, canonizers=None, fused_attention=True):
+    def __init__(
+        self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, canonizers=None, fused_attention=True, attention='exact',
+    ):
         super().__init__(
-            cp_lrp_layer_map(epsilon), user_layer_map=layer_map, canonizers=canonizers,
-            fused_attention=fused_attention,
+            cp_lrp_layer_map(epsilon, attention), user_layer_map=layer_map, canonizers=canonizers,
+            fused_attention=fused_attention, attention=attention,
         )
 
 
@@ -363,17 +410,19 @@ class AttnLRPViT(AttentionComposite):
         γ of the convolutions and of the Linear layers outside attention.
     fused_attention: bool, optional
         Fused attention cores (default) or the unfolded chain, see :py:class:`AttentionComposite`.
+    attention: str, optional
+        ``'exact'`` (default) or ``'sdpa'`` (PyTorch's fused attention backward), see :py:class:`AttentionComposite`.
     '''
     attention_layer_map = staticmethod(attnlrp_layer_map)
 
     def __init__(
         self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, canonizers=None, conv_gamma=0.25, linear_gamma=0.05,
-        fused_attention=True,
+        fused_attention=True, attention='exact',
     ):
         self.conv_gamma = conv_gamma
         self.linear_gamma = linear_gamma
         default = [
-            entry for entry in self.attention_layer_map(epsilon) if entry[0] is not types.LinearLike
+            entry for entry in self.attention_layer_map(epsilon, attention) if entry[0] is not types.LinearLike
         ] + vision_layer_map(conv_gamma, linear_gamma, stabilizer)
         super().__init__(
             default,
@@ -381,6 +430,7 @@ class AttnLRPViT(AttentionComposite):
             user_layer_map=layer_map,
             canonizers=canonizers,
             fused_attention=fused_attention,
+            attention=attention,
         )
 
 

@@ -18,10 +18,12 @@ from .elementwise import (
     RMSNormRule, RoPERule, StopRule, SumRule,
 )
 from .linear import Epsilon, Gamma
+from .fast_attention import SDPAAttentionRule, SDPACPAttentionRule
 
 
 __all__ = [
     'AttnHook', 'IdentityRule', 'SoftmaxRule', 'MatMulRule', 'ProductRule', 'SumRule', 'LayerNormRule', 'RMSNormRule',
     'RoPERule', 'MeanRule', 'PoolRule', 'CPMatMulRule', 'CPProductRule', 'IndexAddRule', 'RenormalizeRule', 'StopRule',
-    'AttentionRule', 'CPAttentionRule', 'Epsilon', 'Gamma', 'SignStabilizer',
+    'AttentionRule', 'CPAttentionRule', 'Epsilon', 'Gamma', 'SignStabilizer', 'SDPAAttentionRule',
+    'SDPACPAttentionRule',
 ]
