@@ -187,3 +187,16 @@ def test_helpers():
     indices, values = top_k(torch.tensor([0.1, -3., 2., 0.5]), 2, absolute=True)
     assert indices.tolist() == [1, 2] and values.tolist() == [-3., 2.]
     assert len(top_k(torch.ones(3), 10).indices) == 3
+
+
+def test_watch_outputs_sees_modules_and_operation_sites_and_leaves_no_hooks():
+    from zennit_attn.latent import watch_outputs
+    model = make_vit('tiny')
+    before, listeners = hook_count(model), op_listeners.get()
+    seen, starts = [], []
+    with watch_outputs(model, [f'{BLOCK}.mlp.1', CONTEXT], lambda name, tensor: seen.append((name, tensor.shape)),
+                       on_start=starts.append) as matched:
+        attribute(model, AttnLRP(), image(model), TARGET)
+    assert seen == [(CONTEXT, (2, 4, 17, 8)), (f'{BLOCK}.mlp.1', (2, 17, 64))]
+    assert starts == [[f'{BLOCK}.mlp.1']] and matched == [f'{BLOCK}.mlp.1', CONTEXT]
+    assert hook_count(model) == before and op_listeners.get() == listeners

@@ -26,7 +26,7 @@ import torch
 from .engine import op_listeners
 
 
-__all__ = ['record_relevance', 'Recorder', 'per_neuron', 'per_head', 'per_token', 'top_k', 'TopK']
+__all__ = ['record_relevance', 'watch_outputs', 'Recorder', 'per_neuron', 'per_head', 'per_token', 'top_k', 'TopK']
 
 
 TopK = namedtuple('TopK', ['indices', 'values'])
@@ -107,44 +107,49 @@ def _first_tensor(output):
 
 
 class _Session:
-    '''The hooks of one :py:func:`record_relevance` context.
+    '''The hooks of one :py:func:`watch_outputs` context: ``callback(name, tensor)`` for the output of every module and
+    operation site that matches a pattern.
 
     A forward pre-hook on the model resolves the patterns at every forward and (re-)registers the per-module forward
-    hooks then, so that the hooks run after the composite's hooks (whose
-    rules replace the output; the relevance is recorded on the replaced output).
+    hooks then, so that the hooks run after the composite's hooks (whose rules replace the output; the callback sees
+    the replaced output, whose gradient is the relevance).
     '''
-    def __init__(self, model, recorder):
+    def __init__(self, model, patterns, callback, on_start=None):
         self.model = model
-        self.recorder = recorder
+        self.patterns = list(patterns)
+        self.callback = callback
+        self.on_start = on_start
+        self.matched = []
         self.module_handles = []
         self.root_handle = model.register_forward_pre_hook(self._start)
         self.token = op_listeners.set(op_listeners.get() + (self._operation,))
 
     def _operation(self, site, output):
-        '''Record the relevance of an operation attributed by the engine, if its site matches a pattern.'''
-        if any(fnmatchcase(site, pattern) for pattern in self.recorder.patterns):
-            if site not in self.recorder.matched:
-                self.recorder.matched.append(site)
-            if output.requires_grad:
-                output.register_hook(lambda grad: self.recorder._add(site, grad))
+        '''Pass on the output of an operation attributed by the engine, if its site matches a pattern.'''
+        if any(fnmatchcase(site, pattern) for pattern in self.patterns):
+            if site not in self.matched:
+                self.matched.append(site)
+            self.callback(site, output)
 
     def _start(self, module, args):
-        self.recorder.reset()
         self._remove_module_hooks()
-        self.recorder.matched = [
+        # in place: the list yielded by watch_outputs stays current
+        self.matched[:] = [
             name for name, _ in self.model.named_modules()
-            if any(fnmatchcase(name, pattern) for pattern in self.recorder.patterns)
+            if any(fnmatchcase(name, pattern) for pattern in self.patterns)
         ]
-        matched = set(self.recorder.matched)
+        if self.on_start is not None:
+            self.on_start(list(self.matched))
+        matched = set(self.matched)
         for name, child in self.model.named_modules():
             if name in matched:
-                self.module_handles.append(child.register_forward_hook(self._recording(name)))
+                self.module_handles.append(child.register_forward_hook(self._forwarding(name)))
 
-    def _recording(self, name):
+    def _forwarding(self, name):
         def forward_hook(module, args, output):
             tensor = _first_tensor(output)
-            if tensor is not None and tensor.requires_grad:
-                tensor.register_hook(lambda grad: self.recorder._add(name, grad))
+            if tensor is not None:
+                self.callback(name, tensor)
         return forward_hook
 
     def _remove_module_hooks(self):
@@ -157,6 +162,41 @@ class _Session:
         self._remove_module_hooks()
         self.root_handle.remove()
         op_listeners.reset(self.token)
+
+
+@contextmanager
+def watch_outputs(model, patterns, callback, on_start=None):
+    '''Call ``callback(name, tensor)`` with the output of every module of ``model`` whose qualified name matches a
+    pattern, and of every matching operation site of the engine, at every forward; the building block of
+    :py:func:`record_relevance`, :py:func:`zennit_attn.concepts.conditional_relevance` and
+    :py:func:`zennit_attn.reference.collect_references`.
+
+    The callback may register a tensor hook on the output (``tensor.register_hook``) to read or change the relevance
+    that arrives there during the backward pass of an attribution: it sees the output after the composite's rules.
+
+    Parameters
+    ----------
+    model: :py:obj:`torch.nn.Module`
+        The model (names are relative to it); its forward must run (it may be wrapped, e.g. by
+        :py:class:`~zennit_attn.attribution.EmbeddingsForward`).
+    patterns: str or list[str]
+        :py:func:`fnmatch.fnmatchcase` patterns on qualified module names and operation sites.
+    callback: callable
+        ``callback(name, tensor)``; for a module with a tuple output, ``tensor`` is its first tensor.
+    on_start: callable, optional
+        ``on_start(matched_names)`` at the start of every forward of ``model``.
+
+    Yields
+    ------
+    list[str]
+        The names matched at the last forward (updated in place).
+    '''
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    session = _Session(model, patterns, callback, on_start)
+    try:
+        yield session.matched
+    finally:
+        session.remove()
 
 
 @contextmanager
@@ -180,11 +220,19 @@ def record_relevance(model, patterns):
     '''
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     recorder = Recorder(patterns)
-    session = _Session(model, recorder)
-    try:
+
+    def start(matched):
+        recorder.reset()
+        recorder.matched = list(matched)
+
+    def output(name, tensor):
+        if name not in recorder.matched:  # an operation site, matched during the forward
+            recorder.matched.append(name)
+        if tensor.requires_grad:
+            tensor.register_hook(lambda grad: recorder._add(name, grad))
+
+    with watch_outputs(model, patterns, output, on_start=start):
         yield recorder
-    finally:
-        session.remove()
 
 
 def per_neuron(relevance, dim=-1):
