@@ -195,7 +195,8 @@ class Epsilon(AttnHook):
         # the output was not kept (a widening layer such as a vocabulary head): recompute it for the rows (tokens) that
         # receive relevance only, and compute their relevance; the other rows get none either way
         flat_x, flat_relevance = x.reshape(-1, x.shape[-1]), relevance.reshape(-1, relevance.shape[-1])
-        rows = flat_relevance.ne(0).any(-1).nonzero().squeeze(-1)
+        # any() reads floats as booleans: no (rows x vocabulary) mask is materialised
+        rows = flat_relevance.any(-1).nonzero().squeeze(-1)
         x_rows, relevance_rows = flat_x[rows], flat_relevance[rows]
         output_rows = _LinearOp.forward(module, x_rows, weight)
         output_rows = output_rows if bias is None else output_rows + bias
