@@ -47,90 +47,8 @@ class CLIError(Exception):
 
 
 # --------------------------------------------------------------------------------------------------- models
-class ImageTask:
-    '''An image classifier with its preprocessing and class names.'''
-    def __init__(self, model, image_size, mean, std, classes, gray=False, name=''):
-        self.model, self.image_size, self.mean, self.std = model, image_size, mean, std
-        self.classes, self.gray, self.name = classes, gray, name
-
-    def load_image(self, path, resize):
-        '''Read ``path`` and return (normalized input 1×3×H×W, uint8 RGB image H×W×3).'''
-        from PIL import Image, UnidentifiedImageError
-        import numpy as np
-        path = Path(path)
-        if not path.is_file():
-            raise CLIError(f'image file not found: {path}')
-        try:
-            image = Image.open(path)
-            image.load()
-        except (UnidentifiedImageError, OSError) as error:
-            raise CLIError(f'cannot read {path} as an image ({error})') from None
-        image = image.convert('L' if self.gray else 'RGB')
-        if image.size != (self.image_size, self.image_size):
-            if not resize:
-                raise CLIError(
-                    f'{path} is {image.size[0]}×{image.size[1]} pixels, but {self.name} expects '
-                    f'{self.image_size}×{self.image_size}; pass --resize to resize it'
-                )
-            image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
-        array = np.asarray(image)
-        if self.gray:
-            from .data import fashion_mnist_transform
-            return fashion_mnist_transform(torch.from_numpy(array.copy())[None]), np.repeat(array[..., None], 3, -1)
-        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.
-        mean, std = torch.tensor(self.mean)[:, None, None], torch.tensor(self.std)[:, None, None]
-        return ((tensor - mean) / std)[None], array
-
-
-def default_image_task():
-    '''The embedded default: the shipped Fashion-MNIST ViT.'''
-    from .data import FASHION_MNIST_CLASSES
-    from .models import load_fashion_mnist_vit
-    return ImageTask(
-        load_fashion_mnist_vit(), 28, None, None, list(FASHION_MNIST_CLASSES), gray=True,
-        name='the embedded Fashion-MNIST ViT',
-    )
-
-
-def torchvision_image_task(name, weights):
-    '''A torchvision classifier by name, with ``weights`` from torchvision's weights API (or random weights).'''
-    import torchvision.models
-    try:
-        builder = torchvision.models.get_model_builder(name)
-    except ValueError:
-        raise CLIError(
-            f'unknown model {name!r}; for images use "default" or a torchvision model name (e.g. vit_b_16)'
-        ) from None
-    weight_enum = None
-    if weights is not None:
-        try:
-            weight_enum = torchvision.models.get_weight(weights) if '.' in weights else (
-                torchvision.models.get_model_weights(name)[weights]
-            )
-        except (KeyError, ValueError, AttributeError):
-            raise CLIError(f'unknown weights {weights!r} for {name}') from None
-    try:
-        model = builder(weights=weight_enum).eval()
-    except (OSError, RuntimeError) as error:
-        raise CLIError(f'could not load the {weights} weights of {name} (offline?): {error}') from None
-    if weight_enum is not None:
-        classes = list(weight_enum.meta.get('categories', []))
-        transforms = weight_enum.transforms()
-        mean, std, size = transforms.mean, transforms.std, transforms.crop_size[0]
-    else:
-        print(f'note: {name} has random weights (pass --weights, e.g. IMAGENET1K_V1); torchvision initialises some '
-              'classification heads to zero, which gives empty heatmaps', file=sys.stderr)
-        classes = [str(index) for index in range(model.heads.head.out_features if hasattr(model, 'heads') else 1000)]
-        mean, std, size = IMAGENET_MEAN, IMAGENET_STD, getattr(model, 'image_size', 224)
-    return ImageTask(model, size, mean, std, classes, name=name)
-
-
-def image_task(name, weights=None):
-    if name in (None, DEFAULT_MODEL):
-        if weights is not None:
-            raise CLIError('--weights applies to torchvision models, not the embedded default')
-        return default_image_task()
-    return torchvision_image_task(name, weights)
+# image classifiers (the embedded default, torchvision, timm, Hugging Face, your own builder) live in tasks.py
+from .tasks import ImageTask, default_image_task, image_task, torchvision_image_task  # noqa: E402,F401
 
 
 class TextTask:
@@ -256,10 +174,21 @@ def text_task(name, dtype='float32'):
 
 # ------------------------------------------------------------------------------------------------ helpers
 def check_composite(name):
+    '''A registered composite name (whether it covers the model is checked on the model: ImageTask.require_coverage).'''
     import zennit.composites
     if name not in zennit.composites.COMPOSITES:
-        raise CLIError(f'unknown composite {name!r}; choose one of {", ".join(COMPOSITE_NAMES)}')
+        raise CLIError(f'unknown composite {name!r}; choose one of {", ".join(COMPOSITE_NAMES)} (or another Zennit '
+                       'composite that covers the model)')
     return name
+
+
+def refuse_image_options(args):
+    '''Image model options given with --text would be silently ignored: refuse them.'''
+    given = [option for option, value in (('--weights', args.weights), ('--checkpoint', args.checkpoint),
+                                          ('--model-args', args.model_args), ('--resize', args.resize)) if value]
+    if given:
+        raise CLIError(f'{", ".join(given)} apply to image models; a text model is a Hugging Face directory '
+                       '(--model DIR)')
 
 
 def check_methods(names):
@@ -313,7 +242,8 @@ def image_heatmaps(task, inputs, targets, methods, progress=True):
     from .methods import attribute
     results = {}
     for method in tqdm(methods, desc='attributing', disable=not progress, leave=False):
-        results[method] = attribute(task.model, inputs, targets, method).detach()
+        options = task.method_options(method, inputs)  # e.g. the input bounds of epsilon_gamma_box
+        results[method] = attribute(task.model, inputs, targets, method, **options).detach()
     return results
 
 
@@ -322,28 +252,92 @@ def enlarge(array, factor):
     return array.repeat(factor, 0).repeat(factor, 1) if factor > 1 else array
 
 
-def write_image_outputs(out, task, images, targets, relevances, titles, prefix=''):
-    '''A comparison grid (rows: images, columns: input and methods) and one overlay per image and method.'''
-    from .image import heatmap_grid, overlay, relevance_to_heatmap, save_png
+def add_figure_options(sub):
+    '''Options of the image figures written by :py:func:`write_image_outputs` (``explain``, ``compare``, ``demo``).'''
+    from .figures import DEFAULT_PERCENTILE, FORMATS, NORMALIZATIONS, SIGNS
+
+    def percentile(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a number in (0, 100], got {text!r}') from None
+        if not 0. < value <= 100.:
+            raise argparse.ArgumentTypeError(f'expected a number in (0, 100], got {value:g}')
+        return value
+
+    group = sub.add_argument_group('image figures')
+    group.add_argument('--format', choices=FORMATS, default='png', help='format of the figures (default: png)')
+    group.add_argument('--dpi', type=positive_int, default=150, help='resolution of the figures (default: 150)')
+    group.add_argument('--normalize', choices=NORMALIZATIONS, default='panel',
+                       help='what the colour bar\'s 1.0 is: each panel\'s max|R| (panel, default), one raw scale per '
+                       'method over the images (column) or for the whole grid (shared), or each panel\'s '
+                       '--percentile of |R| with larger values clipped (percentile)')
+    group.add_argument('--percentile', type=percentile, default=DEFAULT_PERCENTILE,
+                       help=f'percentile of |R| for --normalize percentile (default: {DEFAULT_PERCENTILE:g})')
+    group.add_argument('--sign', choices=SIGNS, default='signed',
+                       help='draw R (signed, default; diverging colours), max(R, 0) (positive) or |R| (absolute); '
+                       'non-negative maps such as attention rollout get a sequential colour map')
+    group.add_argument('--patches', action='store_true',
+                       help='also draw patch-level maps of a ViT: the relevance summed over each patch (token)')
+
+
+def write_image_outputs(out, task, images, targets, relevances, titles, prefix='', options=None, inputs=None):
+    '''Write the figures and the raw relevance of an image explanation; returns the written paths.
+
+    ``{prefix}comparison.FMT`` (rows: images, columns: input and methods, with colour bars), ``{prefix}overlays.FMT``
+    (the maps over the images), with ``--patches`` ``{prefix}patches.FMT`` (relevance per ViT patch), and per image and
+    method ``..._overlay.png`` (the overlay alone, enlarged) and ``..._relevance.npy`` with a ``.json`` saying what it
+    is. ``options`` holds the figure options of :py:func:`add_figure_options` (None: their defaults); ``inputs``, the
+    model inputs, give the logit of each explained class for titles and JSON.
+    '''
+    import zennit.composites
+    from .attribution import logits_of
+    from .figures import DEFAULT_PERCENTILE, model_patch_size, overlay_relevance, relevance_grid, save_relevance
+    from .image import save_png
+    fmt, dpi = getattr(options, 'format', 'png'), getattr(options, 'dpi', 150)
+    style = dict(normalize=getattr(options, 'normalize', 'panel'), sign=getattr(options, 'sign', 'signed'),
+                 percentile=getattr(options, 'percentile', DEFAULT_PERCENTILE), dpi=dpi,
+                 panel_inches=1.1 if images[0].shape[0] <= 64 else 1.6)
+    patch_size = None
+    if getattr(options, 'patches', False):
+        try:
+            patch_size = model_patch_size(task.model)
+        except ValueError as error:
+            raise CLIError(str(error)) from None
+    logits = None
+    if inputs is not None:
+        with torch.no_grad():
+            logits = logits_of(task.model(inputs)).float()
+    names = [class_name(task.classes, int(target)) for target in targets]
+    values = [None if logits is None else float(logits[index, int(target)]) for index, target in enumerate(targets)]
+    row_titles = [name if value is None else f'{name}\nlogit {value:.3g}' for name, value in zip(names, values)]
+    rows = [[image] + [relevance[index] for relevance in relevances.values()] for index, image in enumerate(images)]
+    columns = ['input'] + [titles.get(method, method) for method in relevances]
+    title = f'{task.name} (rows: the explained class)'
+    written = [out / f'{prefix}comparison.{fmt}', out / f'{prefix}overlays.{fmt}']
+    _, info = relevance_grid(rows, columns, row_titles=row_titles, title=title, path=written[0], **style)
+    relevance_grid(rows, columns, row_titles=row_titles, title=title, overlay=True, path=written[1], **style)
+    if patch_size is not None:
+        written.append(out / f'{prefix}patches.{fmt}')
+        relevance_grid(rows, columns, row_titles=row_titles, patch_size=patch_size, path=written[-1],
+                       title=f'{task.name}: relevance per {patch_size}×{patch_size} patch (token)', **style)
     factor = max(1, 224 // images[0].shape[0])
-    written = []
-    rows = []
     for index, image in enumerate(images):
-        row = [image]
-        for method, relevance in relevances.items():
-            heatmap = relevance_to_heatmap(relevance[index])
-            row.append(heatmap)
+        for column, (method, relevance) in enumerate(relevances.items(), start=1):
+            scale = info['scales'][index][column]
             path = out / f'{prefix}{index:02d}_{method}_overlay.png'
-            save_png(enlarge(overlay(image, heatmap), factor), path)
-            written.append(path)
-        rows.append(row)
-    grid_path = out / f'{prefix}comparison.png'
-    row_titles = [class_name(task.classes, int(target)) for target in targets]
-    heatmap_grid(
-        rows, ['input'] + [titles.get(method, method) for method in relevances], row_titles=row_titles,
-        path=grid_path, scale=4 if images[0].shape[0] <= 64 else 1,
-    )
-    return [grid_path] + written
+            save_png(enlarge(overlay_relevance(image, relevance[index], scale=scale, sign=style['sign'],
+                                               cmap=info['cmaps'][column]), factor), path)
+            written += [path] + [Path(saved) for saved in save_relevance(
+                out / f'{prefix}{index:02d}_{method}_relevance', relevance[index].cpu(),
+                method=method, method_title=titles.get(method, method),
+                composite=method if method in zennit.composites.COMPOSITES else None,
+                model=str(task.name), target_index=int(targets[index]), target_name=names[index],
+                input_shape=list(relevance.shape[1:]), logit=values[index],
+                display={'normalize': style['normalize'], 'sign': style['sign'], 'scale': scale,
+                         'colour_map': info['cmaps'][column], 'colour_bar': info['label']},
+            )]
+    return written
 
 
 def explain_text(model, tokenizer, classes, texts, composite, target, out, prefix='text', contrast=None, record=None):
@@ -488,48 +482,92 @@ DEMO_TEXTS = (
 )
 
 
+@contextlib.contextmanager
+def demo_part(report, name, outputs, debug=False):
+    '''Run one part of the demo in its own guard: an exception ends only this part, is reported in one line and is
+    recorded in ``report`` (``report['failed'][name]``: the error; ``report['skipped']``: the part's ``outputs``), so
+    the other parts still run and write their files.'''
+    try:
+        yield
+    except Exception as error:  # pylint: disable=broad-except
+        message = ' '.join(f'{type(error).__name__}: {error}'.split())
+        report['failed'][name] = message
+        report['skipped'].extend(outputs)
+        print(f'demo: {name} failed: {message} (skipped: {", ".join(outputs)})', file=sys.stderr)
+        if debug:
+            import traceback
+            traceback.print_exc()
+
+
+def demo_written_lines(out, written, report, seconds):
+    '''The demo's closing lines: what was written where, and what was skipped.'''
+    lines = [f'wrote {len(written) + 1} files to {out.resolve()} in {seconds} s:']
+    notes = {'comparison': 'methods side by side', '.html': 'token heatmap, open in a browser',
+             'faithfulness_abpc': 'faithfulness plot'}
+    for path in written:
+        note = notes.get(path.stem, notes.get(path.suffix))
+        if note:
+            lines.append(f'  {path}  ({note})')
+    lines.append(f'  {out / "summary.json"}')
+    if report['skipped']:
+        failed = f' ({", ".join(report["failed"])} failed, see above)' if report['failed'] else ''
+        lines.append(f'skipped: {", ".join(report["skipped"])}{failed}')
+    return lines
+
+
 def command_demo(args):
-    '''Compare methods on the embedded Fashion-MNIST ViT, explain sentences with MiniLM, summarise faithfulness.'''
+    '''Compare methods on the embedded Fashion-MNIST ViT, explain sentences with MiniLM, summarise faithfulness.
+
+    Each part runs in its own guard (:py:func:`demo_part`): a failing part is reported in one line and the others still
+    write their files; ``summary.json`` is always written (with ``failed`` and ``skipped``), and the exit status is 1
+    only if a part failed.
+    '''
     from .models import load_fashion_mnist_samples
     started = time.perf_counter()
     out = output_dir(args.output)
-    task = default_image_task()
-    inputs, labels, raw = load_fashion_mnist_samples()
-    # one sample per class, in class order, so the grid shows the ten categories
-    picks = [int((labels == label).nonzero()[0]) for label in labels.unique()][:args.samples]
-    inputs, labels, raw = inputs[picks], labels[picks], raw[picks]
-    images = [raw_image.numpy()[..., None].repeat(3, -1) for raw_image in raw]
-    with torch.no_grad():
-        predictions = task.model(inputs).argmax(-1)
-    relevances = image_heatmaps(task, inputs, predictions, list(DEMO_METHODS))
-    written = write_image_outputs(out, task, images, predictions, relevances, DEMO_METHODS)
-    summary = {
-        'model': task.name, 'samples': len(picks), 'labels': labels.tolist(), 'predictions': predictions.tolist(),
-    }
+    debug = getattr(args, 'debug', False)
+    report = {'failed': {}, 'skipped': []}
+    written, summary, task = [], {}, None
+    with demo_part(report, 'comparison grid', ('comparison grid', 'overlays'), debug):
+        task = default_image_task()
+        inputs, labels, raw = load_fashion_mnist_samples()
+        # one sample per class, in class order, so the grid shows the ten categories
+        picks = [int((labels == label).nonzero()[0]) for label in labels.unique()][:args.samples]
+        inputs, labels, raw = inputs[picks], labels[picks], raw[picks]
+        images = [raw_image.numpy()[..., None].repeat(3, -1) for raw_image in raw]
+        with torch.no_grad():
+            predictions = task.model(inputs).argmax(-1)
+        summary.update(
+            model=task.name, samples=len(picks), labels=labels.tolist(), predictions=predictions.tolist(),
+        )
+        relevances = image_heatmaps(task, inputs, predictions, list(DEMO_METHODS))
+        written = write_image_outputs(out, task, images, predictions, relevances, DEMO_METHODS, options=args,
+                                      inputs=inputs)
     if args.text:
-        try:
-            text = text_task(DEFAULT_MODEL)
-        except CLIError as error:
-            print(f'skipping the text demo: {error}')
-        else:
-            written += explain_text(text.model, text.tokenizer, text.classes, DEMO_TEXTS, 'attnlrp', None, out)
+        with demo_part(report, 'text heatmap', ('token heatmap',), debug):
+            try:
+                text = text_task(DEFAULT_MODEL)
+            except CLIError as error:
+                # the MiniLM package is optional: not installed is a skip, not a failure
+                print(f'skipping the text demo: {error}')
+                report['skipped'].append('token heatmap (MiniLM model not available)')
+            else:
+                written += explain_text(text.model, text.tokenizer, text.classes, DEMO_TEXTS, 'attnlrp', None, out)
     if args.faithfulness:
-        from .evaluation import evaluate, plot_results, save_results
-        model_inputs, model_labels, _ = load_fashion_mnist_samples()
-        results = evaluate(task.model, model_inputs, model_labels, list(DEMO_METHODS), steps=10)
-        save_results(results, out / 'faithfulness')
-        plot_results(results, out / 'faithfulness')
-        summary['faithfulness'] = faithfulness_table(results)
-        print(summary['faithfulness'])
-    summary['seconds'] = round(time.perf_counter() - started, 1)
+        with demo_part(report, 'faithfulness', ('faithfulness plot', 'summary table'), debug):
+            from .evaluation import evaluate, plot_results, save_results
+            # the model of the comparison grid, loaded again only if that part failed before loading it
+            task = task or default_image_task()
+            model_inputs, model_labels, _ = load_fashion_mnist_samples()
+            results = evaluate(task.model, model_inputs, model_labels, list(DEMO_METHODS), steps=10, target='predicted')
+            written += [Path(path) for path in save_results(results, out / 'faithfulness')]
+            written += [Path(path) for path in plot_results(results, out / 'faithfulness')]
+            summary['faithfulness'] = faithfulness_table(results)
+            print(summary['faithfulness'])
+    summary.update(report, seconds=round(time.perf_counter() - started, 1))
     (out / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))
-    print(f'wrote {len(written) + 1} files to {out.resolve()} in {summary["seconds"]} s:')
-    print(f'  {written[0]}  (methods side by side)')
-    for path in written:
-        if path.suffix == '.html':
-            print(f'  {path}  (token heatmap, open in a browser)')
-    print(f'  {out / "summary.json"}')
-    return 0
+    print('\n'.join(demo_written_lines(out, written, report, summary['seconds'])))
+    return 1 if report['failed'] else 0
 
 
 def faithfulness_table(results):
@@ -565,6 +603,7 @@ def command_explain(args):
     if args.text is not None:
         if args.image is not None:
             raise CLIError('pass an IMAGE file or --text TEXT, not both')
+        refuse_image_options(args)
         with quiet_transformers():
             written = explain_text_command(args, composite, out)
     else:
@@ -574,13 +613,16 @@ def command_explain(args):
                                               ('--contrast', args.contrast)) if value is not None]
         if given:
             raise CLIError(f'{", ".join(given)} apply to --text only')
-        task = image_task(args.model, args.weights)
+        task = image_task(args.model, args.weights, args.checkpoint, args.model_args)
         inputs, image = task.load_image(args.image, args.resize)
+        # only a composite whose coverage check passes on this model (e.g. not Zennit's CNN composites on a ViT)
+        task.require_coverage(composite, inputs)
         with torch.no_grad():
             logits = task.model(inputs)
         targets = resolve_target(task.classes, logits, class_index(args.target, task.classes))
         relevances = image_heatmaps(task, inputs, targets, [composite], progress=False)
-        written = write_image_outputs(out, task, [image], targets, relevances, DEMO_METHODS, prefix='explain_')
+        written = write_image_outputs(out, task, [image], targets, relevances, DEMO_METHODS, prefix='explain_',
+                                      options=args, inputs=inputs)
         print(f'class {int(targets[0])} ({class_name(task.classes, int(targets[0]))}), '
               f'logit {logits[0, targets[0]].item():.3f}')
     for path in written:
@@ -626,6 +668,7 @@ def command_compare(args):
     if args.text is not None:
         if args.image is not None:
             raise CLIError('pass an IMAGE file or --text TEXT, not both')
+        refuse_image_options(args)
         with quiet_transformers():
             written = compare_text(args, out)
         for path in written:
@@ -634,7 +677,7 @@ def command_compare(args):
     if args.generate is not None or args.continuation is not None or args.contrast is not None:
         raise CLIError('--generate, --continuation and --contrast apply to --text only')
     methods = check_methods(args.methods or list(DEMO_METHODS))
-    task = image_task(args.model, args.weights)
+    task = image_task(args.model, args.weights, args.checkpoint, args.model_args)
     if args.image is None:
         from .models import load_fashion_mnist_samples
         if args.model not in (None, DEFAULT_MODEL):
@@ -644,25 +687,38 @@ def command_compare(args):
     else:
         inputs, image = task.load_image(args.image, args.resize)
         images = [image]
+    # composites whose coverage check fails and rollouts on other than torchvision ViTs: refused if asked for, else
+    # dropped from the default set with a note
+    methods = task.usable_methods(methods, inputs, explicit=args.methods is not None)
     with torch.no_grad():
         logits = task.model(inputs)
     targets = resolve_target(task.classes, logits, class_index(args.target, task.classes))
     relevances = image_heatmaps(task, inputs, targets, methods)
-    for path in write_image_outputs(out, task, images, targets, relevances, DEMO_METHODS, prefix='compare_'):
+    for path in write_image_outputs(out, task, images, targets, relevances, DEMO_METHODS, prefix='compare_',
+                                    options=args, inputs=inputs):
         print(path)
     return 0
 
 
 def command_evaluate(args):
-    '''Faithfulness benchmark (MoRF/LeRF, ABPC) on the embedded default model.
+    '''Faithfulness benchmark (deletion/MoRF, insertion, LeRF, ABPC with paired differences to a reference) on the
+    embedded default model; with ``--sanity`` also the cascading model-randomisation sanity check.
 
     Under ``torchrun`` / ``accelerate launch`` the batches are shared between the processes
-    (:py:func:`zennit_attn.evaluation.evaluate`); every process gets the full result, process 0 alone writes and prints.
+    (:py:func:`zennit_attn.evaluation.evaluate`); every process gets the full result, process 0 alone writes and prints
+    (and runs the sanity check).
     '''
     from .evaluation import evaluate, plot_results, process_group, save_results
     methods = check_methods(args.methods or list(DEMO_METHODS))
     if args.model not in (None, DEFAULT_MODEL):
         raise CLIError('evaluate runs on the embedded default; use benchmarks/faithfulness.py for the full benchmark')
+    if args.reference is not None and args.reference not in methods + ['random']:
+        raise CLIError(f'--reference {args.reference}: not one of the evaluated methods ({", ".join(methods)}, random)')
+    if args.interval == 't':
+        try:
+            import scipy.stats  # noqa: F401
+        except ImportError:
+            raise CLIError('--interval t needs scipy (pip install scipy); or use --interval bootstrap') from None
     with process_group() as (rank, _):
         # created before the evaluation, so that a bad path fails at once, not after it
         out = output_dir(args.output) if rank == 0 else None
@@ -678,13 +734,121 @@ def command_evaluate(args):
                 raise CLIError(str(error)) from None
             inputs = fashion_mnist_transform(images)
         inputs, labels = inputs[:args.samples], labels[:args.samples]
-        results = evaluate(task.model, inputs, labels, methods, batch_size=args.batch_size, steps=args.steps)
+        results = evaluate(task.model, inputs, labels, methods, batch_size=args.batch_size, steps=args.steps,
+                           target=args.target, insertion=args.insertion, reference=args.reference,
+                           interval=args.interval)
     if rank != 0:
         return 0
     save_results(results, out)
     plot_results(results, out)
     print(faithfulness_table(results))
+    if args.sanity:
+        print(evaluate_sanity(task, inputs, labels, methods, args, out))
     print(f'results in {out.resolve()}')
+    return 0
+
+
+def evaluate_sanity(task, inputs, labels, methods, args, out):
+    '''``evaluate --sanity``: cascading randomisation (:py:mod:`zennit_attn.sanity`) on the first
+    ``--sanity-samples`` samples; writes sanity.json, sanity.csv and sanity.png and returns the table.'''
+    from .sanity import cascading_randomization, plot_sanity, save_sanity
+    count = min(args.sanity_samples, len(inputs))
+    methods = [name for name in methods if name != 'random']  # seeded noise ignores the model by construction
+    results = cascading_randomization(task.model, inputs[:count], labels[:count], methods, target=args.target,
+                                      batch_size=args.batch_size)
+    save_sanity(results, out)
+    plot_sanity(results, out)
+    return results.markdown('spearman', title='Sanity check: cascading model randomisation')
+
+
+#: the layers ``neurons`` ranks on the embedded defaults: the MLP neurons of the last block
+NEURONS_TEXT_LAYER = 'encoder.encoder.layer.5.intermediate'
+NEURONS_IMAGE_LAYER = 'encoder.layers.encoder_layer_3.mlp.1'
+NEURONS_IMAGE_CLASSES = (6, 9)  # shirt (collars) and ankle boot (soles)
+
+
+def neurons_text_corpus(args):
+    '''The reference corpus of ``neurons --text``: a file with one text per line, else Rotten Tomatoes snippets.'''
+    if args.corpus:
+        path = Path(args.corpus)
+        if not path.is_file():
+            raise CLIError(f'--corpus {path}: no such file (give a text file with one snippet per line)')
+        corpus = [line.strip() for line in path.read_text(encoding='utf-8').splitlines() if line.strip()]
+        if not corpus:
+            raise CLIError(f'--corpus {path} holds no text')
+        return corpus[:args.corpus_size or len(corpus)]
+    from .data import rotten_tomatoes_split
+    try:
+        _, (texts, _) = rotten_tomatoes_split()
+    except FileNotFoundError as error:
+        raise CLIError(f'{error} Or pass --corpus FILE (one text per line).') from None
+    return texts[:args.corpus_size or 300]
+
+
+def neurons_images(args):
+    '''(explained inputs, their uint8 images, corpus inputs, corpus uint8 images) of ``neurons --images``.'''
+    from .models import load_fashion_mnist_samples
+    task = default_image_task()
+    inputs, labels, raw = load_fashion_mnist_samples()
+    if args.images:
+        loaded = [task.load_image(path, args.resize) for path in args.images]
+        explained, shown = torch.cat([item[0] for item in loaded]), [item[1] for item in loaded]
+    else:
+        picks = [int((labels == label).nonzero()[0]) for label in NEURONS_IMAGE_CLASSES]
+        explained, shown = inputs[picks], [raw[index].numpy()[..., None].repeat(3, -1) for index in picks]
+    if args.corpus:
+        raise CLIError('--corpus applies to --text; the image corpus is Fashion-MNIST (--corpus-size N)')
+    size = args.corpus_size or len(inputs)
+    if size > len(inputs):
+        from .data import fashion_mnist_transform, load_fashion_mnist
+        try:
+            raw, _ = load_fashion_mnist('test')
+        except FileNotFoundError as error:
+            raise CLIError(str(error)) from None
+        raw = raw[:size]
+        inputs = fashion_mnist_transform(raw)
+    corpus_images = raw[:size].numpy()[..., None].repeat(3, -1)
+    return task, explained, shown, inputs[:size], corpus_images
+
+
+def command_neurons(args):
+    '''The most relevant units of a layer for a prediction, with reference samples and conditional heatmaps.'''
+    from .reference import Heads, Neurons
+    from .report import image_neurons_report, text_neurons_report
+    started = time.perf_counter()
+    out = output_dir(args.output)
+    spec = Heads(args.heads) if args.heads else Neurons()
+    composite = None
+    if args.composite:
+        import zennit.composites
+        composite = zennit.composites.COMPOSITES[check_composite(args.composite)]()
+    state = None if args.state is None else Path(args.state)
+    if args.images is not None:
+        if args.text:
+            raise CLIError('give --text or --images, not both')
+        if args.model not in (None, DEFAULT_MODEL):
+            raise CLIError('neurons --images runs on the embedded Fashion-MNIST ViT (--model default)')
+        task, inputs, shown, corpus, corpus_images = neurons_images(args)
+        layer = args.layer or NEURONS_IMAGE_LAYER
+        summary = image_neurons_report(task.model, inputs, shown, layer, corpus, corpus_images, out, composite,
+                                       spec, task.classes, top=args.top, k=args.k, state_path=state)
+    else:
+        task = text_task(args.model)
+        if task.kind == 'seq2seq':
+            raise CLIError('neurons --text explains classifiers and causal language models, not seq2seq models')
+        if args.layer is None and args.model not in (None, DEFAULT_MODEL):
+            names = [name for name, _ in task.model.named_modules() if name.count('.') in (3, 4)][:6]
+            raise CLIError(f'--layer is required for --model {args.model} (a module name, e.g. {", ".join(names)})')
+        layer = args.layer or NEURONS_TEXT_LAYER
+        if layer not in dict(task.model.named_modules()):
+            raise CLIError(f'--layer {layer!r} is no module of the model; give a qualified module name')
+        texts = args.text or list(DEMO_TEXTS[:2])
+        summary = text_neurons_report(task.model, task.tokenizer, texts, layer, neurons_text_corpus(args), out,
+                                      composite, spec, task.classes, top=args.top, k=args.k, state_path=state)
+    summary['seconds'] = round(time.perf_counter() - started, 1)
+    (out / 'neurons.json').write_text(json.dumps(summary, indent=2))
+    print(f'wrote {out / "neurons.html"} (open in a browser), {out / "neurons.png"} and {out / "neurons.json"} in '
+          f'{summary["seconds"]} s')
     return 0
 
 
@@ -720,18 +884,34 @@ def build_parser():
     demo.add_argument('--samples', type=int, default=6, help='images in the comparison grid (max 10)')
     demo.add_argument('--no-text', dest='text', action='store_false', help='skip the MiniLM token heatmap')
     demo.add_argument('--no-faithfulness', dest='faithfulness', action='store_false')
+    add_figure_options(demo)
     demo.set_defaults(run=command_demo)
 
     def add_model_options(sub):
         sub.add_argument('image', nargs='?', help='image file (PNG/JPEG)')
         sub.add_argument('--model', default=DEFAULT_MODEL,
-                         help='"default" (shipped Fashion-MNIST ViT / MiniLM sentiment classifier), a torchvision '
-                         'model name for images, or for --text a Hugging Face causal LM, seq2seq model or sequence '
-                         'classifier (directory or name)')
-        sub.add_argument('--weights', help='torchvision weights, e.g. IMAGENET1K_V1')
+                         help='"default" (shipped Fashion-MNIST ViT / MiniLM sentiment classifier); for images a '
+                         'torchvision model name (vit_b_16) or class (VisionTransformer), a timm model name '
+                         '(vit_tiny_patch16_224; timm:NAME if torchvision has the name too), a local Hugging Face '
+                         'image classifier directory, or package.module:callable; for --text a Hugging Face causal '
+                         'LM, seq2seq model or sequence classifier (directory or name)')
+        sub.add_argument('--weights', help='torchvision\'s pretrained weights, e.g. IMAGENET1K_V1 (for your own file: '
+                         '--checkpoint)')
+        sub.add_argument('--checkpoint', metavar='FILE',
+                         help='weights of a torchvision, timm or package.module:callable model: a state dict (or a '
+                         'dict with it under "state_dict" or "model"; "module." prefixes are stripped), .pt/.pth or '
+                         '.safetensors; num_classes is taken from its classification head')
+        sub.add_argument('--model-args', nargs='+', metavar='KEY=VALUE',
+                         help='arguments of the model builder, Python literals, e.g. image_size=32 num_classes=5 '
+                         '(timm: img_size=32)')
         sub.add_argument('--target', help='classifiers: the class to explain, an index or a name (default: the '
                          f'prediction); language models: one of {", ".join(TEXT_TARGETS)} (default: logit)')
-        sub.add_argument('--resize', action='store_true', help='resize the image to the model\'s input size')
+        sub.add_argument('--resize', action='store_true',
+                         help='bring an image of another size to the model\'s input as the model\'s own '
+                         'preprocessing does: torchvision weights\' transforms and timm\'s data config resize the '
+                         'shorter side and centre-crop (the aspect ratio is kept), a Hugging Face image processor '
+                         'resizes as configured (ViT\'s squashes to a square); the embedded default squashes to 28×28. '
+                         'An image of the input size is only normalised')
         sub.add_argument('-o', '--output', default='zennit-attn-output')
         sub.add_argument('--text', help='explain this text (the prompt of a language model) instead of an image')
         sub.add_argument('--generate', type=positive_int, metavar='N',
@@ -746,6 +926,7 @@ def build_parser():
 
     explain = commands.add_parser('explain', help='explain one image or text')
     add_model_options(explain)
+    add_figure_options(explain)
     explain.add_argument('--composite', help=f'one of {", ".join(COMPOSITE_NAMES)} (default: attnlrp_vit for '
                          'images, attnlrp for text)')
     explain.set_defaults(run=command_explain)
@@ -753,6 +934,7 @@ def build_parser():
     compare = commands.add_parser('compare', help='explain one image, or a language model\'s generation (--text), '
                                   'with several methods side by side')
     add_model_options(compare)
+    add_figure_options(compare)
     compare.add_argument('--methods', nargs='+', help='methods to compare (default: the demo set; for --text: '
                          'attnlrp, cp_lrp, input_x_gradient, integrated_gradients)')
     compare.set_defaults(run=command_compare)
@@ -768,8 +950,48 @@ def build_parser():
     evaluate.add_argument('--batch-size', type=positive_int, default=16,
                           help='samples per batch (default: 16); several processes share the batches, so use at '
                           'least as many batches as processes')
+    evaluate.add_argument('--target', choices=('predicted', 'label'), default='predicted',
+                          help='explain the class the model predicts (default) or the true label')
+    evaluate.add_argument('--reference', metavar='METHOD',
+                          help='compare every method with this one: paired ABPC difference, confidence interval and '
+                          'win rate (default: the method with the best mean ABPC)')
+    evaluate.add_argument('--interval', choices=('bootstrap', 't'), default='bootstrap',
+                          help='confidence interval of the paired differences: 95%% percentile bootstrap (10000 '
+                          'resamples, seed 0; default) or Student t (needs scipy)')
+    evaluate.add_argument('--no-insertion', dest='insertion', action='store_false',
+                          help='skip the insertion curves (a third fewer forward passes)')
+    evaluate.add_argument('--sanity', action='store_true',
+                          help='also run the cascading model-randomisation sanity check (Adebayo et al. 2018): '
+                          'similarity of each explanation to the original while the blocks are re-initialised from '
+                          'the head down; writes sanity.png/.json/.csv')
+    evaluate.add_argument('--sanity-samples', type=positive_int, default=8,
+                          help='samples of the sanity check (default: 8; about a minute with the default methods)')
     evaluate.add_argument('-o', '--output', default='zennit-attn-evaluation')
     evaluate.set_defaults(run=command_evaluate)
+
+    neurons = commands.add_parser('neurons', help='the most relevant neurons/heads of a layer for a prediction, with '
+                                  'reference samples and conditional heatmaps (HTML and PNG)')
+    neurons.add_argument('--model', default=DEFAULT_MODEL, help='"default" (MiniLM sentiment / Fashion-MNIST ViT) or '
+                         'a Hugging Face sequence classifier or causal LM directory (with --text)')
+    neurons.add_argument('--layer', help=f'qualified module name (default: {NEURONS_TEXT_LAYER} for text, '
+                         f'{NEURONS_IMAGE_LAYER} for images)')
+    neurons.add_argument('--text', action='append', help='a text to explain (repeat for several; default: two '
+                         'reviews)')
+    neurons.add_argument('--images', nargs='*', help='image files to explain with the Fashion-MNIST ViT (none: two '
+                         'shipped samples)')
+    neurons.add_argument('--resize', action='store_true', help='resize images to the model\'s input size')
+    neurons.add_argument('--corpus', help='text file, one reference text per line (default: Rotten Tomatoes)')
+    neurons.add_argument('--corpus-size', type=positive_int, help='reference corpus size (default: 300 texts, 48 '
+                         'images)')
+    neurons.add_argument('--heads', type=positive_int, metavar='N', help='units are N attention heads of the layer '
+                         '(merged heads * head_dim output) instead of neurons')
+    neurons.add_argument('--top', type=positive_int, default=5, help='units per input (default: 5)')
+    neurons.add_argument('-k', type=positive_int, default=3, help='reference samples per unit (default: 3)')
+    neurons.add_argument('--composite', help=f'one of {", ".join(COMPOSITE_NAMES)} (default: attnlrp for text, '
+                         'attnlrp_vit for images)')
+    neurons.add_argument('--state', help='file that keeps the reference collection (resumed if it exists)')
+    neurons.add_argument('-o', '--output', default='zennit-attn-neurons')
+    neurons.set_defaults(run=command_neurons)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 Tokens come as the tokenizer produced them (``tokenizer.convert_ids_to_tokens(ids)``): WordPiece continuations
 ('##ing'), GPT-2 byte-level BPE ('Ġworld', 'Ċ'), SentencePiece ('▁world', '<0x0A>') and special tokens ('[CLS]',
-'<s>', '<|endoftext|>'). :py:func:`clean_tokens` turns them into display text with word boundaries, so that the
+'<s>', ``<|endoftext|>``). :py:func:`clean_tokens` turns them into display text with word boundaries, so that the
 renderings read as the original sentence while every token keeps its own colour.
 '''
 import html
@@ -81,7 +81,7 @@ class CleanToken(tuple):
 
 
 def is_special_token(token):
-    '''Whether a raw token is a special token ('[CLS]', '[SEP]', '<s>', '</s>', '<|endoftext|>', ...).
+    '''Whether a raw token is a special token ('[CLS]', '[SEP]', '<s>', '</s>', ``<|endoftext|>``, ...).
 
     Parameters
     ----------
@@ -91,7 +91,7 @@ def is_special_token(token):
     Returns
     -------
     bool
-        True for known special tokens and for the patterns '[UPPER]' and '<|...|>'.
+        True for known special tokens and for the patterns '[UPPER]' and ``<|...|>``.
     '''
     return token in SPECIAL_TOKENS or bool(_SPECIAL_PATTERN.match(token))
 
@@ -164,7 +164,7 @@ def clean_tokens(tokens):
     decoded to UTF-8), and SentencePiece/LLaMA ('▁' starts a word, '<0x0A>' byte tokens). The scheme is detected from
     the sequence: any 'Ġ' or '▁' marker means word starts are marked and unmarked tokens continue a word; only
     byte-level BPE sequences get their bytes decoded (SentencePiece keeps 'é' as it is). Special
-    tokens ('[CLS]', '[SEP]', '<s>', '</s>', '<|endoftext|>', ...) are kept verbatim, always stand alone, and are
+    tokens ('[CLS]', '[SEP]', '<s>', '</s>', ``<|endoftext|>``, ...) are kept verbatim, always stand alone, and are
     marked with ``special=True``.
 
     Parameters
@@ -222,7 +222,7 @@ def _rows(tokens, relevance, labels):
 
 
 def _normalized_rows(rows, shared_scale):
-    '''Divide each row by its own max |R|, or all rows by the common max |R|; return (normalised, scales).'''
+    '''Divide each row by its own max ``|R|``, or all rows by the common max ``|R|``; return (normalised, scales).'''
     scales = [np.abs(values).max(initial=0.) for _, values, _ in rows]
     if shared_scale:
         scales = [max(scales, default=0.)] * len(rows)
@@ -351,11 +351,11 @@ def token_heatmap_html(tokens, relevance, title=None, cmap='bwr', path=None, lab
     path : str or :py:obj:`os.PathLike`, optional
         If given, the page is written there (UTF-8).
     labels : sequence of str, optional
-        One label per row, shown above it together with the row's max |R|.
+        One label per row, shown above it together with the row's max ``|R|``.
     level : float
         Contrast, as Zennit's ``level``.
     shared_scale : bool
-        If True, all rows are divided by the common max |R| (compare magnitudes across rows); by default each row is
+        If True, all rows are divided by the common max ``|R|`` (compare magnitudes across rows); by default each row is
         normalised on its own (compare patterns).
 
     Returns
@@ -456,7 +456,7 @@ def token_heatmap_png(tokens, relevance, path, title=None, cmap='bwr', labels=No
     level : float
         Contrast, as Zennit's ``level``.
     shared_scale : bool
-        Normalise all sequences by the common max |R| instead of each by its own.
+        Normalise all sequences by the common max ``|R|`` instead of each by its own.
     width : float
         Figure width in inches; the height follows from the number of lines.
     fontsize : float
@@ -531,7 +531,7 @@ def _draw_item(axes, item, font, font_px, line_h, pad):
 
 
 def _draw_legend(axes, margin, y, line_h, cmap, level, font):
-    '''A colour bar from -max |R| to +max |R| below the tokens.'''
+    '''A colour bar from -max ``|R|`` to +max ``|R|`` below the tokens.'''
     bar_w, bar_h = 40 * line_h / 6, line_h * 0.45
     strip = colorize(np.linspace(-1., 1., 256), cmap=cmap, level=level)[None]
     axes.imshow(strip, extent=(margin, margin + bar_w, y + bar_h, y), interpolation='nearest', aspect='auto')
