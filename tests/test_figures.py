@@ -136,6 +136,25 @@ def test_overlay_base_is_luminance_and_patch_maps_are_upsampled():
         overlay_relevance(image, np.zeros((3, 3)))
 
 
+def test_overlay_of_a_non_negative_map_in_a_diverging_column_keeps_the_diverging_range():
+    '''A grid column drawn with 'bwr' (some of its maps are negative) may hold a non-negative map: its overlay must put
+    0 at white and positive values in red, as the column's colour bar says, not stretch [0, 1] over blue to red.'''
+    image = np.full((1, 3, 3), 255, dtype=np.uint8)
+    values = np.array([[0.2, 0.5, 1.0]])
+    column = overlay_relevance(image, values, scale=1., cmap='bwr', sequential=False)
+    # the diverging map's colour of each value on its [-1, 1] range, from matplotlib directly
+    expected = [np.array(colormaps['bwr']((value + 1.) / 2.)[:3]) * 255. for value in values[0]]
+    for pixel, value, colour in zip(column[0], values[0], expected):
+        # over white the blend is white + |R| * (colour - white): red grows, green and blue fall, never bluish
+        blend = np.floor((1. - value) * 255. + value * colour + 0.5)
+        np.testing.assert_allclose(pixel, blend, atol=2)
+        assert pixel[0] == 255 and pixel[2] <= pixel[0]
+    # the same map through a grid column whose other map is negative
+    rows = [[image[0], values], [image[0], -values]]
+    _, info = relevance_grid(rows, ['input', 'method'], normalize='shared', overlay=True)
+    assert info['cmaps'][1] == 'bwr' and info['sequential'] == [False, False]
+
+
 def test_patch_map_equals_brute_force_sum():
     rng = np.random.default_rng(0)
     relevance = rng.normal(size=(3, 12, 8))

@@ -327,7 +327,8 @@ def write_image_outputs(out, task, images, targets, relevances, titles, prefix='
             scale = info['scales'][index][column]
             path = out / f'{prefix}{index:02d}_{method}_overlay.png'
             save_png(enlarge(overlay_relevance(image, relevance[index], scale=scale, sign=style['sign'],
-                                               cmap=info['cmaps'][column]), factor), path)
+                                               cmap=info['cmaps'][column], sequential=info['sequential'][column]),
+                             factor), path)
             written += [path] + [Path(saved) for saved in save_relevance(
                 out / f'{prefix}{index:02d}_{method}_relevance', relevance[index].cpu(),
                 method=method, method_title=titles.get(method, method),

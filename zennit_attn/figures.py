@@ -216,7 +216,8 @@ def luminance(image):
     return np.repeat(np.floor(grey + 0.5).astype(np.uint8)[..., None], 3, axis=-1)
 
 
-def overlay_relevance(image, relevance, scale=None, sign='signed', cmap=None, grey=True, max_alpha=1.):
+def overlay_relevance(image, relevance, scale=None, sign='signed', cmap=None, grey=True, max_alpha=1.,
+                      sequential=None):
     '''Colour an image by relevance, keeping the image's contrast where relevance is small.
 
     Every pixel is ``(1 - a) * base + a * colour`` with opacity ``a = max_alpha * |R| / s`` (clipped to 1): pixels
@@ -240,6 +241,10 @@ def overlay_relevance(image, relevance, scale=None, sign='signed', cmap=None, gr
         Use the image's luminance as the base (default), else the image's own colours.
     max_alpha : float
         Opacity of the colour at ``|R| = s``, in [0, 1].
+    sequential : bool, optional
+        Whether ``cmap`` spans [0, 1] (sequential) rather than [-1, 1] (diverging); default: whether this map is
+        non-negative. Pass it with a ``cmap`` chosen for several maps (a grid column), where one non-negative map must
+        still be drawn on the diverging range.
 
     Returns
     -------
@@ -254,7 +259,8 @@ def overlay_relevance(image, relevance, scale=None, sign='signed', cmap=None, gr
         if base.shape[0] % values.shape[0] or base.shape[1] % values.shape[1]:
             raise ValueError(f'Relevance {values.shape} does not tile the image {base.shape[:2]}.')
         values = upsample(values, base.shape[:2])
-    sequential = bool((values >= 0.).all())
+    if sequential is None:
+        sequential = bool((values >= 0.).all())
     cmap = cmap or (SEQUENTIAL if sequential else DIVERGING)
     normalized = normalize_map(values, panel_scale(values) if scale is None else scale)
     colour = colorize_map(normalized, cmap, sequential).astype(np.float64)
@@ -325,7 +331,8 @@ def relevance_grid(rows, column_titles, row_titles=None, title=None, normalize='
         The figure (Agg canvas, needs no closing).
     info : dict
         ``scales`` (rows x columns list, the relevance drawn as 1.0, None for images), ``cmaps`` (per column, None
-        for image columns), ``label`` (the colour bar's label).
+        for image columns), ``sequential`` (per column, whether its map spans [0, 1]), ``label`` (the colour bar's
+        label).
     '''
     _check_choice(normalize, NORMALIZATIONS, 'normalize')
     _check_choice(sign, SIGNS, 'sign')
@@ -420,7 +427,8 @@ def relevance_grid(rows, column_titles, row_titles=None, title=None, normalize='
             normalized = normalize_map(maps[i][j], scales[i, j])
             is_sequential = cmaps[j] == sequential
             if overlay:
-                picture = overlay_relevance(rows[i][0], maps[i][j], scale=scales[i, j], cmap=cmaps[j])
+                picture = overlay_relevance(rows[i][0], maps[i][j], scale=scales[i, j], cmap=cmaps[j],
+                                            sequential=is_sequential)
             else:
                 picture = colorize_map(normalized, cmaps[j], is_sequential)
             axes.imshow(picture, interpolation='nearest', aspect='auto')
@@ -446,7 +454,8 @@ def relevance_grid(rows, column_titles, row_titles=None, title=None, normalize='
                 bar.set_label(label, fontsize=FONT_SIZE)
     info = {
         'scales': [[None if np.isnan(value) else float(value) for value in row] for row in scales],
-        'cmaps': cmaps, 'label': ' '.join(label.split()), 'normalize': normalize, 'sign': sign,
+        'cmaps': cmaps, 'sequential': [cmap == sequential for cmap in cmaps], 'label': ' '.join(label.split()),
+        'normalize': normalize, 'sign': sign,
     }
     if normalize == 'percentile':
         info['percentile'] = percentile
