@@ -120,6 +120,16 @@ def test_rule_constant_operands(generator, variable):
     assert_relevances(actual[:3], expected, 1e-9)
 
 
+def test_cp_rule_with_a_constant_value_attributes_nothing(generator):
+    '''Under CP-LRP only v receives relevance: a constant v leaves nothing to attribute, as in the exact rule.'''
+    args, _, _ = core_call(generator, SHAPES['self'], 'causal-min', (1, 1, 0))
+    relevance = randn(generator, *output_shape(SHAPES['self']))
+    core = layers.AttentionCore(scale=0.6)
+    exact = attribute(core, rules.CPAttentionRule(), args, relevance)[1]
+    fast = attribute(core, SDPACPAttentionRule(), args, relevance)[1]
+    assert all(rel is None for rel in exact[:3]) and all(rel is None for rel in fast[:3])
+
+
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
 def test_rule_half_precision(generator, dtype):
     '''Half-precision calls are computed in float32 and give the exact rule's relevance to half-precision rounding.'''

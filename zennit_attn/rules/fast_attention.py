@@ -71,6 +71,9 @@ class SDPAAttentionRule(AttentionRule):
             return (None,) * len(inputs)
         dtype = _compute_dtype(relevance_out)
         factors = self._factors(variable)
+        if not any(factors):
+            # e.g. CP-LRP with a constant v: nothing is attributed through the core
+            return (None,) * len(inputs)
         query, key, value = (
             tensor.detach().to(dtype).requires_grad_(bool(factor)) for tensor, factor in zip(inputs[:3], factors)
         )
