@@ -110,18 +110,19 @@ def text_neurons_report(model, tokenizer, texts, layer, corpus, out, composite=N
     from .text import token_heatmap_html, token_heatmap_png
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    composite_type = type(composite) if composite is not None else AttnLRP
+    # the caller's composite itself (its settings), registered once per attribution
+    composite = composite if composite is not None else AttnLRP()
     spec = spec or Neurons()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if references is None:
         references = collect_references(
-            model, corpus, {layer: spec}, k=k, composite=composite_type(), inputs=TextInputs(tokenizer, max_length),
+            model, corpus, {layer: spec}, k=k, composite=composite, inputs=TextInputs(tokenizer, max_length),
             batch_size=batch_size, state_path=state_path, resume=state_path is not None, progress=progress,
         )
     spec = references.specs[layer]
     encoded = tokenizer(list(texts), return_tensors='pt', padding=True, truncation=True, max_length=max_length)
-    result, units = _text_units(model, composite_type(), encoded, layer, spec)
+    result, units = _text_units(model, composite, encoded, layer, spec)
     style, sections, summary = '', [], {'layer': layer, 'corpus': len(corpus), 'texts': []}
     png_tokens, png_values, png_labels = [], [], []
     for index, text in enumerate(texts):
@@ -134,7 +135,7 @@ def text_neurons_report(model, tokenizer, texts, layer, corpus, out, composite=N
         values = units[index].tolist()
         chosen = _ranked(values, top)
         conditional = conditional_token_relevance(
-            model, composite_type(), ids[None], layer, [[unit] for unit in chosen], dim=spec.dim,
+            model, composite, ids[None], layer, [[unit] for unit in chosen], dim=spec.dim,
             num_heads=spec.num_heads, target=predicted, bypass='ignore',
         )
         rows_tokens, rows_values = [tokens], [result.relevance[index][keep].tolist()]
@@ -230,10 +231,10 @@ def image_neurons_report(model, inputs, images, layer, corpus, corpus_images, ou
     from .image import heatmap_grid, overlay, relevance_to_heatmap
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    composite_type = type(composite) if composite is not None else AttnLRPViT
+    composite = composite if composite is not None else AttnLRPViT()
     spec = spec or Neurons()
     if references is None:
-        references = collect_references(model, corpus, {layer: spec}, k=k, composite=composite_type(),
+        references = collect_references(model, corpus, {layer: spec}, k=k, composite=composite,
                                         inputs=ImageInputs(), batch_size=batch_size, state_path=state_path,
                                         resume=state_path is not None, progress=progress)
     spec = references.specs[layer]
@@ -242,7 +243,7 @@ def image_neurons_report(model, inputs, images, layer, corpus, corpus_images, ou
     predicted = logits.argmax(-1)
     onehot = torch.nn.functional.one_hot(predicted, logits.shape[-1]).to(logits.dtype)
     with record_relevance(model, [layer]) as recorded:
-        with Gradient(model, composite_type()) as attributor:
+        with Gradient(model, composite) as attributor:
             _, full = attributor(inputs, lambda output: output * onehot)
     units = unit_relevance(recorded[layer], spec)
     rows, row_titles, summary, sections = [], [], {'layer': layer, 'corpus': len(corpus), 'images': []}, []
@@ -250,7 +251,7 @@ def image_neurons_report(model, inputs, images, layer, corpus, corpus_images, ou
         name = classes[int(predicted[index])] if classes else str(int(predicted[index]))
         values = units[index].tolist()
         chosen = _ranked(values, top)
-        conditional = conditional_relevance(model, inputs[index:index + 1], int(predicted[index]), composite_type(),
+        conditional = conditional_relevance(model, inputs[index:index + 1], int(predicted[index]), composite,
                                             layer, [[unit] for unit in chosen], dim=spec.dim,
                                             num_heads=spec.num_heads, bypass='ignore')
         entry = {'prediction': name, 'units': []}
@@ -259,7 +260,7 @@ def image_neurons_report(model, inputs, images, layer, corpus, corpus_images, ou
         for rank, unit in enumerate(chosen):
             heatmap = relevance_to_heatmap(conditional.relevance[rank, 0])
             row = [overlay(images[index], heatmap), heatmap]
-            crops = references.image_crops(model, corpus, layer, unit, composite_type(), size=crop)
+            crops = references.image_crops(model, corpus, layer, unit, composite, size=crop)
             for box, relevance, reference in crops:
                 row.append(_outlined(overlay(corpus_images[reference.sample], relevance_to_heatmap(relevance)), box))
             row += [None] * (k + 2 - len(row))
