@@ -231,13 +231,9 @@ class GenerationAttribution:
         '''What :py:attr:`target_values` of ``row`` is, e.g. ``'logit'`` or ``'logit - logit[1234]'`` with a contrast
         (a contrast subtracts the contrast token's logit for ``'logit'`` and ``'log_probability'``, the log-softmax
         normaliser cancelling, and its probability for ``'probability'``).'''
-        name = self.target if isinstance(self.target, str) else getattr(self.target, '__name__', 'target')
         if self.contrast_ids is None:
-            return name
-        contrast = int(self.contrast_ids[row])
-        if name == 'log_probability':
-            return f'log_probability - log_probability[{contrast}]'
-        return f'{name} - {name}[{contrast}]'
+            return self.target
+        return f'{self.target} - {self.target}[{int(self.contrast_ids[row])}]'
 
     def __str__(self):
         sources, targets = self._labels()
