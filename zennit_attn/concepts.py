@@ -239,8 +239,12 @@ def conditional_relevance(model, inputs, target, composite, layer, units=None, d
         def seed(copies):
             return target
     else:
-        with torch.no_grad():
-            classes = _targets(target, logits_of(model(inputs)), len(inputs))
+        # the model's own prediction is needed only when no target is given
+        output = None
+        if target is None:
+            with torch.no_grad():
+                output = logits_of(model(inputs))
+        classes = _targets(target, output, len(inputs))
 
         def seed(copies):
             return _class_seed(classes.repeat(copies))
