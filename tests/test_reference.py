@@ -8,6 +8,7 @@ from torchvision.models import VisionTransformer
 from zennit.attribution import Gradient
 
 from zennit_attn.composites import AttnLRP
+from zennit_attn.concepts import conditional_relevance
 from zennit_attn.reference import (
     Heads, Neurons, TextInputs, canonical, collect_references, crop_box, merge_top_k,
 )
@@ -163,8 +164,12 @@ def test_image_crops_point_where_the_conditional_relevance_is(vit, corpus):
     result = collect_references(vit, corpus, {MLP: [2]}, k=2, composite=AttnLRP(), batch_size=7, progress=False)
     crops = result.image_crops(vit, corpus, MLP, 2, AttnLRP(), size=6)
     assert [reference.sample for _, _, reference in crops] == [ref.sample for ref in result.references(MLP, 2)]
-    for box, relevance, _ in crops:
+    samples = [reference.sample for reference in result.references(MLP, 2)]
+    # the conditional maps of the reference samples, computed here directly (predicted class, unit 2 only)
+    expected = conditional_relevance(vit, corpus[samples], None, AttnLRP(), MLP, [2], bypass='ignore').relevance[0]
+    for (box, relevance, _), reference_map in zip(crops, expected):
         assert relevance.shape == (3, 16, 16)
+        assert torch.allclose(relevance, reference_map, rtol=1e-10, atol=1e-12)
         assert box == crop_box(relevance, 6)
 
 
