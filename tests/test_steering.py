@@ -288,3 +288,14 @@ def test_relevant_units_at_an_input_conserve_the_output_relevance(model):
     heads = relevant_units(model, inputs, 7, O_PROJ, 2, on='input', num_heads=HEADS)
     features = relevant_units(model, inputs, 7, O_PROJ, 1, on='input').relevance
     torch.testing.assert_close(heads.relevance, features.reshape(HEADS, -1).sum(1))
+
+
+@pytest.mark.parametrize('name,sibling', [('self_attn.q_proj', 'self_attn.k_proj'), ('mlp.up_proj', 'mlp.gate_proj')])
+def test_relevant_units_refuse_an_input_shared_with_another_module(model, name, sibling):
+    '''q, k and v projections (gate and up) receive one tensor: its gradient sums what all of them return, which is
+    not the relevance of one module's input units.'''
+    layer = O_PROJ.rsplit('.', 2)[0]
+    before = hook_count(model)
+    with pytest.raises(ValueError, match=f'also the input of .*{sibling}'):
+        relevant_units(model, prompt(), 7, f'{layer}.{name}', 3, on='input')
+    assert hook_count(model) == before

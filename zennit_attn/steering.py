@@ -30,6 +30,7 @@ Example
 >>> print(steering_effect(model, inputs, paris, layer, units, scale=4., trials=10))
 '''
 import difflib
+import functools
 import math
 from collections import namedtuple
 from collections.abc import Mapping
@@ -528,14 +529,49 @@ def _composite(composite):
 class _InputRelevance:
     '''Record the relevance at the first positional input of a module: a forward pre-hook placed *before* the
     composite's hooks attaches a gradient hook to the input tensor as it arrives, i.e. before the rule's identity
-    wraps it, so the gradient it receives is the relevance the module's rule returns.'''
+    wraps it. The gradient it receives sums what every consumer of that tensor returns, so it is the module's
+    relevance only if the module is the tensor's sole consumer: other modules given the same tensor (q/k/v
+    projections of one normalised hidden state, gate and up projections) are watched for and refused by
+    :py:meth:`check_sole_consumer`. A functional consumer (a residual ``+`` of a norm's input) cannot be watched.'''
     def __init__(self, model, name):
-        self.name, self.relevance = name, None
-        self.handle = _named_module(model, name, 'relevant_units').register_forward_pre_hook(self._hook, prepend=True)
+        self.name, self.relevance, self.input, self.seen = name, None, None, []
+        target = _named_module(model, name, 'relevant_units')
+        self.handles = [target.register_forward_pre_hook(self._hook, prepend=True)]
+        # modules that consume the input as a part of this one (its children) or through it (its ancestors) are not
+        # further consumers
+        self.handles += [
+            module.register_forward_pre_hook(functools.partial(self._watch, other), with_kwargs=True)
+            for other, module in model.named_modules()
+            if other and other != name and not other.startswith(name + '.') and not name.startswith(other + '.')
+        ]
 
     def _hook(self, module, args):
         if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+            self.input = args[0]
             args[0].register_hook(self._add)
+
+    def _watch(self, name, module, args, kwargs):
+        # references, not ids (an id may be reused once a tensor is freed); only tensors that can carry relevance
+        self.seen += [
+            (name, tensor) for tensor in list(args) + list(kwargs.values())
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad
+        ]
+
+    def check_sole_consumer(self):
+        '''Raise if another module was called with the recorded input tensor.'''
+        shared = list(dict.fromkeys(name for name, tensor in self.seen if tensor is self.input))
+        if shared:
+            raise ValueError(
+                f'relevant_units: the input of {self.name!r} is also the input of {", ".join(map(repr, shared[:3]))}; '
+                "its gradient sums what all of them return, not the relevance of this module's units. Use on='input' "
+                "with a module that is its input's only consumer (e.g. down_proj, o_proj), or on='output' with the "
+                'module that produces the input.'
+            )
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+        self.seen = []
 
     def _add(self, grad):
         grad = grad.detach().clone()
@@ -575,6 +611,8 @@ def relevant_units(model, inputs, target, module, k, composite=None, contrast=No
         ``'output'`` (default) or ``'input'``: rank the units of the module's first positional input (as
         :py:class:`UnitEdit` with ``on='input'``; e.g. the neurons entering an MLP's down projection, or the heads
         entering an attention output projection), from the relevance that the module's rule assigns to its input.
+        The module must be its input's only consumer: an input shared with other modules (q/k/v or gate/up
+        projections) is refused; one also added to a residual (a pre-norm's input) cannot be detected.
 
     Returns
     -------
@@ -612,6 +650,7 @@ def relevant_units(model, inputs, target, module, k, composite=None, contrast=No
                 if at_input.relevance is None:
                     raise ValueError(f'relevant_units: no relevance reached the input of {module!r}; the target does '
                                      'not depend on it, or the module was not called with a positional tensor.')
+                at_input.check_sole_consumer()
                 relevance = at_input.relevance
             elif module not in recorded:
                 raise ValueError(
@@ -623,7 +662,7 @@ def relevant_units(model, inputs, target, module, k, composite=None, contrast=No
                 relevance = recorded[module]
     finally:
         if at_input is not None:
-            at_input.handle.remove()
+            at_input.remove()
     scores = per_neuron(relevance) if num_heads is None else per_head(relevance, num_heads)
     best = top_k(scores, k, absolute=absolute)
     return RelevantUnits(best.indices, best.values, scores)
