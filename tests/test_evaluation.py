@@ -439,6 +439,42 @@ def test_insertion_curve_of_a_linear_model_is_the_partial_sums():
     assert without.methods['input_x_gradient'].insertion is None and '| — |' in without.markdown()
 
 
+class CountingModel(torch.nn.Module):
+    '''Counts the samples put through the wrapped model.'''
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.samples = model, 0
+
+    def forward(self, x):
+        self.samples += len(x)
+        return self.model(x)
+
+
+@pytest.mark.parametrize('tied', [False, True], ids=['distinct', 'tied'])
+def test_shared_steps_are_evaluated_once_with_the_same_curves(tied):
+    '''Orders sharing a list evaluate a perturbed input once: MoRF and LeRF share their first and last step, and
+    without ties insertion is LeRF mirrored; with ties (a tie-breaking permutation per order) insertion still differs
+    and is computed. The curves equal those of separate calls.'''
+    model = CountingModel(linear_model())
+    x, target = data(), torch.tensor([0, 1, 2, 1, 0])
+    relevance = model.model.weight[target].detach() * x
+    if tied:
+        relevance = relevance.round(decimals=0)
+    orders = ('morf', 'lerf', 'insertion')
+    separate = [perturbation_curves(model, x, target, relevance, order=order, steps=4, seed=3)[0] for order in orders]
+    assert model.samples == 3 * 5 * 5
+    model.samples, reuse = 0, []
+    shared = [perturbation_curves(model, x, target, relevance, order=order, steps=4, seed=3, reuse=reuse)[0]
+              for order in orders]
+    for first, second in zip(separate, shared):
+        assert torch.equal(first, second)
+    # distinct relevance: MoRF 5 steps, LeRF 3 new (its ends are MoRF's), insertion none (LeRF mirrored)
+    if not tied:
+        assert model.samples == 8 * 5
+    else:
+        assert 8 * 5 < model.samples < 3 * 5 * 5
+
+
 def test_predicted_and_label_targets_differ_when_the_model_mispredicts():
     model = linear_model(features=12, classes=3)
     x = data(batch=8)

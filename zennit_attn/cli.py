@@ -960,7 +960,7 @@ def build_parser():
                           help='confidence interval of the paired differences: 95%% percentile bootstrap (10000 '
                           'resamples, seed 0; default) or Student t (needs scipy)')
     evaluate.add_argument('--no-insertion', dest='insertion', action='store_false',
-                          help='skip the insertion curves (a third fewer forward passes)')
+                          help='skip the insertion curves (fewer forward passes only where the relevance has ties)')
     evaluate.add_argument('--sanity', action='store_true',
                           help='also run the cascading model-randomisation sanity check (Adebayo et al. 2018): '
                           'similarity of each explanation to the original while the blocks are re-initialised from '

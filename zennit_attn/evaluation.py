@@ -131,9 +131,12 @@ def _counts(fractions, totals):
 
 
 @torch.no_grad()
-def _curves(forward, inputs, order_index, counts, expand, baseline_value, targets, insertion=False):
+def _curves(forward, inputs, order_index, counts, expand, baseline_value, targets, insertion=False, seen=None):
     '''The target logit per step: the first ``counts[s]`` features of ``order_index`` are set to the baseline (or,
-    with ``insertion``, all features but those).'''
+    with ``insertion``, all features but those). ``seen``, a list shared by calls on the same inputs, targets and
+    baseline, holds ``(feature mask, logits)`` of evaluated steps: a step with an equal mask perturbs the input
+    identically and is not run again (MoRF and LeRF share their first and last step; without ties insertion is LeRF
+    mirrored).'''
     batch, count = order_index.shape
     positions = torch.empty_like(order_index)
     positions.scatter_(1, order_index, torch.arange(count, device=order_index.device).expand(batch, count))
@@ -142,14 +145,19 @@ def _curves(forward, inputs, order_index, counts, expand, baseline_value, target
         feature_mask = positions < step_counts[:, None].to(positions.device)
         if insertion:
             feature_mask = ~feature_mask
-        perturbed = torch.where(expand(feature_mask), torch.as_tensor(baseline_value, dtype=inputs.dtype), inputs)
-        curve.append(target_logits(forward(perturbed), targets).to(torch.float64))
+        logits = next((value for mask, value in seen or () if torch.equal(mask, feature_mask)), None)
+        if logits is None:
+            perturbed = torch.where(expand(feature_mask), torch.as_tensor(baseline_value, dtype=inputs.dtype), inputs)
+            logits = target_logits(forward(perturbed), targets).to(torch.float64)
+            if seen is not None:
+                seen.append((feature_mask, logits))
+        curve.append(logits)
     return torch.stack(curve, 1)
 
 
 def perturbation_curves(
     model, inputs, targets, relevance, order='morf', steps=20, granularity='pixel', patch_size=None,
-    baseline_value=0., seed=0,
+    baseline_value=0., seed=0, reuse=None,
 ):
     '''Target logit while the most (``'morf'``) or least (``'lerf'``) relevant features are set to ``baseline_value``,
     or while the most relevant features are put back into an input at the baseline (``'insertion'``).
@@ -173,6 +181,9 @@ def perturbation_curves(
         Value of a perturbed feature in the model's input space (0 = the data mean for standardized inputs).
     seed: int
         Seed of the tie-breaking permutation.
+    reuse: list, optional
+        A list (initially empty) shared by calls with the same model, inputs, targets, relevance, granularity,
+        baseline and seed, e.g. one per order: a perturbed input that an earlier call evaluated is not run again.
 
     Returns
     -------
@@ -191,7 +202,7 @@ def perturbation_curves(
     counts = _counts(fractions, totals)
     curves = _curves(
         lambda x: model(x), inputs.detach(), order_index, counts, expand, baseline_value, targets,
-        insertion=order == 'insertion',
+        insertion=order == 'insertion', seen=reuse,
     )
     return curves, fractions
 
@@ -730,7 +741,8 @@ def evaluate(
         ``'predicted'`` (default): explain the class the model predicts for each sample; ``'label'``: explain
         ``targets``. Recorded in ``metadata['target']``, with the explained classes in ``metadata['explained']``.
     insertion: bool
-        Also compute the insertion curves (one more pass of ``steps + 1`` forward passes per batch and method).
+        Also compute the insertion curves (their steps reuse the forward passes of MoRF/LeRF steps with the same
+        perturbed input: without ties in the relevance they cost none).
     reference, confidence, interval:
         The paired comparison shown in the table and plot (:py:attr:`FaithfulnessResults.paired`, see
         :py:func:`paired_difference`): every method against ``reference`` (default: the best mean ABPC).
@@ -778,10 +790,11 @@ def evaluate(
         if explain is None:
             explain = _resolve('random', {'seed': random_seed + number})
         relevance = explain(model, inputs, batch_targets)
+        reuse = []
         return tuple(
             perturbation_curves(
                 model, inputs, batch_targets, relevance, order=order, steps=steps, granularity=granularity,
-                patch_size=patch_size, baseline_value=baseline_value, seed=random_seed + number,
+                patch_size=patch_size, baseline_value=baseline_value, seed=random_seed + number, reuse=reuse,
             )[0]
             for order in orders
         )
