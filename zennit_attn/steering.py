@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attribution import _accepts, _declares, last_positions, logits_of, per_sample, token_relevance
-from .latent import per_head, per_neuron, record_relevance, top_k
+from .latent import _first_tensor, per_head, per_neuron, record_relevance, top_k
 
 
 __all__ = [
@@ -363,7 +363,7 @@ def target_probability(model, inputs, target):
     return probabilities[torch.arange(batch, device=logits.device), target]
 
 
-def _probe_width(model, inputs, name, edit):
+def _probe_width(model, name, edit):
     '''A temporary hook on ``name`` that records the unit count of the tensor ``edit`` would edit (in ``seen``).'''
     module = _named_module(model, name, 'steering_effect')
     seen = {}
@@ -373,13 +373,7 @@ def _probe_width(model, inputs, name, edit):
             seen['width'] = edit.width(tensor)
 
     if edit.on == 'output':
-        handle = module.register_forward_hook(
-            lambda mod, args, output: record(
-                output if isinstance(output, torch.Tensor)
-                else (output[_first_tensor_index(output)] if isinstance(output, (tuple, list))
-                      and _first_tensor_index(output) is not None else None)
-            )
-        )
+        handle = module.register_forward_hook(lambda mod, args, output: record(_first_tensor(output)))
     else:
         handle = module.register_forward_pre_hook(lambda mod, args: record(args[0] if args else None))
     return handle, seen
@@ -494,7 +488,7 @@ def steering_effect(model, inputs, target_token, module, units, scale, baseline=
         raise ValueError(f'steering_effect: trials must be a positive int, got {trials!r}')
     chosen = UnitEdit(units, scale=scale, num_heads=num_heads, on=on)
     k = chosen.units.numel() if k is None else k
-    handle, seen = _probe_width(model, inputs, module, chosen)
+    handle, seen = _probe_width(model, module, chosen)
     try:
         before = target_probability(model, inputs, target_token)
     finally:
