@@ -308,6 +308,9 @@ def main():
     if args.child_only and torch.device(args.device).type != 'cpu':
         parser.error('--child-only measures the peak resident memory of CPU processes; on a GPU run without it (the '
                      'allocator\'s peak is measured in the process)')
+    if args.child_only and not os.path.exists('/proc/self/clear_refs'):
+        parser.error('--child-only reads the kernel\'s memory high-water mark (/proc/self/clear_refs, Linux), which '
+                     'this system does not have')
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child_peak:
