@@ -39,7 +39,6 @@ COMPOSITE_NAMES = ('attnlrp', 'attnlrp_vit', 'cp_lrp', 'cp_lrp_vit')
 TEXT_TARGETS = ('logit', 'probability', 'log_probability')
 DEFAULT_NEW_TOKENS = 10
 DEFAULT_MODEL = 'default'
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class CLIError(Exception):

@@ -559,16 +559,6 @@ def timm_image_task(name, checkpoint=None, model_args=None):
                      gray=channels == 1, resizing=resizing)
 
 
-class LogitsOnly(torch.nn.Module):
-    '''A Hugging Face image classifier called with ``pixel_values``, returning the logits tensor.'''
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values):
-        return self.model(pixel_values=pixel_values).logits
-
-
 def hf_image_task(directory):
     '''A local Hugging Face image classifier directory: ``AutoModelForImageClassification`` (refused if any weight
     would be newly initialised) and its ``AutoImageProcessor``; class names from ``config.id2label``.'''
@@ -626,6 +616,7 @@ def hf_image_task(directory):
     scale = 255. * processor.rescale_factor if getattr(processor, 'do_rescale', False) else 255.
     labels = model.config.id2label
     classes = [str(labels.get(index, index)) for index in range(model.config.num_labels)]
+    from .attribution import LogitsOnly
     return ImageTask(LogitsOnly(model.eval()), classes, Path(directory).name or str(directory), image_size,
                      transform, normalize, mean[:channels], std[:channels], scale=scale, gray=gray,
                      resizing=_hf_resizing(processor, image_size))
