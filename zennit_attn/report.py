@@ -247,6 +247,8 @@ def image_neurons_report(model, inputs, images, layer, corpus, corpus_images, ou
             _, full = attributor(inputs, lambda output: output * onehot)
     units = unit_relevance(recorded[layer], spec)
     rows, row_titles, summary, sections = [], [], {'layer': layer, 'corpus': len(corpus), 'images': []}, []
+    # a unit's reference crops depend on the unit only; units shared by several images are computed once
+    crops_of = {}
     for index in range(len(inputs)):
         name = classes[int(predicted[index])] if classes else str(int(predicted[index]))
         values = units[index].tolist()
@@ -260,7 +262,9 @@ def image_neurons_report(model, inputs, images, layer, corpus, corpus_images, ou
         for rank, unit in enumerate(chosen):
             heatmap = relevance_to_heatmap(conditional.relevance[rank, 0])
             row = [overlay(images[index], heatmap), heatmap]
-            crops = references.image_crops(model, corpus, layer, unit, composite, size=crop)
+            if unit not in crops_of:
+                crops_of[unit] = references.image_crops(model, corpus, layer, unit, composite, size=crop)
+            crops = crops_of[unit]
             for box, relevance, reference in crops:
                 row.append(_outlined(overlay(corpus_images[reference.sample], relevance_to_heatmap(relevance)), box))
             row += [None] * (k + 2 - len(row))
